@@ -1,0 +1,35 @@
+"""unclip-jax: a JAX/Flax reimplementation of unCLIP (DALL-E 2)."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.0,<2",
+    "absl-py>=2.1,<3",
+    "tensorflow-datasets>=4.9.8,<5",
+    "array-record>=0.7,<0.9",
+    "grain>=0.2.12,<0.3",
+    "etils[epath,epy]>=1.10",
+    "transformers>=5.0,<6",
+    "tokenizers>=0.21,<0.24",
+    "safetensors>=0.4,<0.9",
+    "pillow>=10.3,<14",
+    "numpy>=1.26,<3",
+    "tqdm>=4.66,<5",
+    "tensorboardx>=2.6.2,<3",  # TensorBoard event files without TensorFlow
+    "matplotlib>=3.8,<4",  # loss-curve PNGs
+]
+
+setup(
+    name="unclip_jax",
+    version="0.1.0",
+    description="unCLIP (DALL-E 2) in JAX/Flax: CLIP, diffusion prior, decoder, upsamplers",
+    python_requires=">=3.11",
+    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2"],
+    },
+)
