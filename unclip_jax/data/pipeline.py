@@ -1,0 +1,117 @@
+"""Grain input pipelines over random-access sources (TFDS `data_source`s or the procedural shapes).
+
+Each process reads its own slice of the source (`process_index::process_count`), shuffles it
+deterministically (a new order every epoch, from `shuffle_seed`), preprocesses examples on grain
+threads and batches them. `Pipeline` iterates local numpy batches and exposes `get_state/set_state`
+so the checkpoint can hold the exact position of the stream: a resumed run sees the same next batch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import grain
+import ml_collections
+import numpy as np
+
+from unclip_jax.data import images as image_lib
+from unclip_jax.data import shapes
+
+# OpenAI CLIP's normalisation constants (also used for the embedded shapes, so that imported
+# checkpoints and ours see inputs on the same scale).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def make_source(data: ml_collections.ConfigDict, split: str):
+    """Returns a random-access source of `{"image": uint8 HWC | encoded bytes, "caption": str | bytes}`."""
+    if data.source == "procedural":
+        num = data.num_train if split == "train" else data.num_eval
+        return shapes.ShapesSource(split=split, side=data.side, num_examples=num, seed=data.seed)
+    if data.source == "tfds":
+        from unclip_jax.data import tfds_builders
+
+        data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+        return tfds_builders.load_source(data.tfds_name, split=split, data_dir=data_dir, data=data)
+    raise ValueError(f"config.data.source={data.source!r}: expected 'tfds' or 'procedural'")
+
+
+def decode_example(example: Mapping[str, Any], side: int | None) -> tuple[np.ndarray, str]:
+    """Decodes one raw example to (uint8 [side, side, 3] image, caption str)."""
+    image = example["image"]
+    if isinstance(image, (bytes, np.bytes_)) or (isinstance(image, np.ndarray) and image.dtype == object):
+        image = image_lib.decode_image(bytes(image.item() if isinstance(image, np.ndarray) else image))
+    image = np.asarray(image, np.uint8)
+    if side is not None and image.shape[:2] != (side, side):
+        image = image_lib.resize_center_crop(image, side)
+    caption = example["caption"]
+    if isinstance(caption, np.ndarray):
+        caption = caption.item()
+    if isinstance(caption, (bytes, np.bytes_)):
+        caption = caption.decode("utf-8")
+    return image, str(caption)
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 normalised with the CLIP mean and std."""
+    return (images.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+class Pipeline:
+    """An iterator of local (per-process) numpy batches with a checkpointable position."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._iterator.set_state(dict(state))
+
+
+def make_pipeline(
+    source,
+    map_fn: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
+    *,
+    local_batch_size: int,
+    shuffle_seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+    repeat: bool = True,
+) -> Pipeline:
+    """Builds this process's training stream: slice, shuffle every epoch, map, batch (drop remainder)."""
+    ds = grain.MapDataset.source(source)
+    if len(ds) < process_count * local_batch_size:
+        raise ValueError(
+            f"data set of {len(ds)} examples is smaller than one global batch "
+            f"({process_count} processes x {local_batch_size})")
+    ds = ds[process_index::process_count]
+    ds = ds.shuffle(seed=shuffle_seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(map_fn).batch(local_batch_size, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * local_batch_size)
+    return Pipeline(ds.to_iter_dataset(read))
+
+
+def eval_batches(
+    source,
+    map_fn: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
+    *,
+    num_examples: int,
+    batch_size: int,
+    num_threads: int = 4,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The first `num_examples` of `source`, in order, in batches (the last may be smaller)."""
+    num = min(num_examples, len(source))
+    ds = grain.MapDataset.source(source)[:num].map(map_fn).batch(batch_size)
+    yield from ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))

@@ -1,0 +1,113 @@
+"""Device mesh, logical-axis rules and sharding helpers.
+
+Every parameter and activation in `unclip_jax.models` carries *logical* axis names; the rules below
+(overridable from the config) map them onto the three physical mesh axes:
+
+- `data`: pure data parallelism (parameters replicated),
+- `fsdp`: data parallelism with parameters and optimizer state sharded (ZeRO-3 style),
+- `tensor`: tensor (model) parallelism over heads and MLP hidden units.
+
+Parameter names: `embed` (model width), `mlp` (MLP hidden), `heads`, `kv` (per-head width), `vocab`,
+`conv_in`/`conv_out` (convolution channels). Activation names carry an `act_` prefix so that a batch
+sharded over `fsdp` never collides with a parameter dimension sharded over the same axis.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_vocab", "tensor"),
+    # Parameters.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+)
+
+
+def mesh_shape(spec: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Resolves a mesh shape with at most one `-1` ("the rest") against `num_devices`."""
+    spec = tuple(int(s) for s in spec)
+    if len(spec) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {spec} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if sum(s == -1 for s in spec) > 1:
+        raise ValueError(f"mesh shape {spec}: at most one axis may be -1")
+    known = math.prod(s for s in spec if s != -1)
+    if any(s == 0 or s < -1 for s in spec) or num_devices % known:
+        raise ValueError(f"mesh shape {spec} does not divide the {num_devices} available devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in spec)
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"mesh shape {spec} uses {math.prod(shape)} devices but {num_devices} are available; "
+            "use -1 on one axis to take the rest")
+    return shape
+
+
+def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a `data/fsdp/tensor` mesh with `Auto` axes (what linen's logical rules need)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(spec, len(devices))
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    # An explicit device subset (tests comparing 1 device with 8).
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """Normalises config rules (lists from a ConfigDict) into the tuple form linen expects."""
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for rule in rules:
+        name, axes = rule
+        out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: leading dimension over every data-parallel axis."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+    """Maps a tree of (possibly `nn.Partitioned`-boxed) abstract values to `NamedSharding`s."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def global_batch_from_local(local: Any, mesh: Mesh) -> Any:
+    """Assembles per-process numpy batches into global `jax.Array`s sharded over the data axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a host tree on every device of the mesh (replicated)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)

@@ -1,0 +1,46 @@
+"""The contract between the generic training loop and a trainable stage."""
+from __future__ import annotations
+
+import abc
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from unclip_jax.data import pipeline as pipeline_lib
+
+
+class Task(abc.ABC):
+    """One trainable stage: builds its model, its data, its loss and its evaluation.
+
+    The loop knows nothing else about a stage. Methods that run under `jax.jit` are pure functions of
+    their arguments; the others run on the host.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array) -> Any:
+        """Returns the model params (boxed with logical axis names). Runs under eval_shape and jit."""
+
+    @abc.abstractmethod
+    def loss_fn(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar training loss and a dict of scalar metrics for one (micro-)batch. Runs under jit."""
+
+    @abc.abstractmethod
+    def train_pipeline(self, *, local_batch_size: int, process_index: int,
+                       process_count: int) -> pipeline_lib.Pipeline:
+        """This process's stream of training batches (numpy dicts), with get_state/set_state."""
+
+    def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
+        """Evaluation metrics for `params` (the EMA params unless the config says otherwise)."""
+        return {}
+
+    def sample_images(self, params: Any, mesh: Mesh) -> dict[str, np.ndarray]:
+        """Optional image grids to write to the workdir ({name: uint8 [N, H, W, 3]})."""
+        return {}

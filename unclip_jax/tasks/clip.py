@@ -1,0 +1,177 @@
+"""CLIP trained contrastively: symmetric InfoNCE over the global batch, zero-shot retrieval eval."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from unclip_jax import parallel
+from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import shapes
+from unclip_jax.data import tokenizer as tokenizer_lib
+from unclip_jax.models import clip as clip_lib
+from unclip_jax.tasks.base import Task
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
+    """Loads `config.tokenizer.dir`, or trains a BPE on the shapes captions into <workdir>/tokenizer."""
+    tok_dir = config.tokenizer.dir
+    if not tok_dir:
+        tok_dir = os.path.join(workdir, "tokenizer")
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            # Train into a temporary directory and rename, so a crash never leaves half a tokenizer.
+            os.makedirs(workdir, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=workdir, prefix=".tokenizer-")
+            tokenizer_lib.train_tokenizer(shapes.all_captions(), tmp, vocab_size=config.tokenizer.vocab_size)
+            try:
+                os.rename(tmp, tok_dir)
+            except OSError:  # Another process got there first; its tokenizer is identical.
+                pass
+    return tokenizer_lib.Tokenizer.from_dir(tok_dir, context_length=config.tokenizer.context_length)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 normalised with CLIP's mean and std (done on device)."""
+    mean = jnp.asarray(pipeline_lib.CLIP_MEAN)
+    std = jnp.asarray(pipeline_lib.CLIP_STD)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict]:
+    """Symmetric cross-entropy over the [B, B] similarity matrix of unit embeddings.
+
+    Under `jit` with a sharded batch, B is the *global* batch: XLA gathers the embeddings, so every
+    image is contrasted with every caption of every device.
+    """
+    logits = logit_scale * z_i @ z_t.T
+    labels = jnp.arange(logits.shape[0])
+    loss_i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss_t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    metrics = {
+        "image_to_text_acc": (jnp.argmax(logits, axis=1) == labels).mean(),
+        "text_to_image_acc": (jnp.argmax(logits, axis=0) == labels).mean(),
+        "logit_scale": logit_scale,
+    }
+    return 0.5 * (loss_i + loss_t), metrics
+
+
+def _pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    n = x.shape[0]
+    pad = (-n) % multiple
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+    return x, n
+
+
+class ClipTask(Task):
+    """Trains the CLIP towers; evaluates zero-shot caption retrieval on validation and heldout."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        super().__init__(config, workdir)
+        self.tokenizer = prepare_tokenizer(config, workdir)
+        self.model = clip_lib.clip_model_from_config(
+            config.model, vocab_size=self.tokenizer.vocab_size, eot_token_id=self.tokenizer.eot_token_id,
+            eot_pooling=self.tokenizer.eot_pooling, context_length=self.tokenizer.context_length)
+        self.side = int(config.model.image_size)
+
+    # ------------------------------------------------------------------ model and loss
+    def init_params(self, rng):
+        images = jnp.zeros((1, self.side, self.side, 3), jnp.float32)
+        tokens = jnp.zeros((1, self.tokenizer.context_length), jnp.int32)
+        return self.model.init(rng, images, tokens)["params"]
+
+    def loss_fn(self, params, batch, rng, step):
+        z_i, z_t, logit_scale = self.model.apply({"params": params}, normalize(batch["image"]), batch["tokens"])
+        return contrastive_loss(z_i, z_t, logit_scale)
+
+    # ------------------------------------------------------------------ data
+    def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        image, caption = pipeline_lib.decode_example(example, self.side)
+        return {"image": image, "tokens": self.tokenizer([caption])[0]}
+
+    def train_pipeline(self, *, local_batch_size, process_index, process_count):
+        data = self.config.data
+        return pipeline_lib.make_pipeline(
+            pipeline_lib.make_source(data, "train"), self.map_example, local_batch_size=local_batch_size,
+            shuffle_seed=data.shuffle_seed, process_index=process_index, process_count=process_count,
+            num_threads=data.num_threads)
+
+    # ------------------------------------------------------------------ evaluation
+    def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
+              tokens: np.ndarray | None = None) -> np.ndarray:
+        """Unit CLIP embeddings [N, embed_dim] of uint8 images or int32 tokens, batched over the mesh."""
+        x = images if images is not None else tokens
+        method = self.model.encode_image if images is not None else self.model.encode_text
+        if not hasattr(self, "_encoders"):
+            self._encoders = {}
+        key = "image" if images is not None else "text"
+        if key not in self._encoders:
+            def fn(p, x):
+                if key == "image":
+                    x = normalize(x)
+                z = self.model.apply({"params": p}, x, method=method)
+                return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+            self._encoders[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
+        bs = int(self.config.eval.batch_size)
+        dp = parallel.data_parallel_size(mesh)
+        out = []
+        for i in range(0, len(x), bs):
+            chunk, n = _pad_batch(x[i:i + bs], dp)
+            chunk = jax.device_put(chunk, parallel.batch_sharding(mesh))
+            out.append(np.asarray(self._encoders[key](params, chunk))[:n])
+        return np.concatenate(out, axis=0)
+
+    def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
+        results = {}
+        for split in self.config.eval.splits:
+            try:
+                source = pipeline_lib.make_source(self.config.data, split)
+            except KeyError:
+                logging.info("No %r split: skipping its evaluation.", split)
+                continue
+            results.update(self.retrieval(params, mesh, source, split))
+        return results
+
+    def retrieval(self, params, mesh: Mesh, source, split: str) -> dict[str, float]:
+        """Zero-shot caption retrieval: each image picks its caption among `num_candidates`.
+
+        The candidates are the image's own caption and distractors drawn (fixed seed) from the other
+        distinct captions of the evaluated examples of the same split.
+        """
+        ev = self.config.eval
+        images, captions = [], []
+        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"),
+                                               pipeline_lib.decode_example(e, self.side))),
+                                               num_examples=ev.num_examples, batch_size=ev.batch_size):
+            images.append(batch["image"])
+            captions.extend(str(c) for c in batch["caption"])
+        images = np.concatenate(images)
+        pool = sorted(set(captions))
+        index = {c: i for i, c in enumerate(pool)}
+        z_i = self.embed(params, mesh, images=images)
+        z_t = self.embed(params, mesh, tokens=self.tokenizer(pool))
+        scores = z_i @ z_t.T  # [N, len(pool)]
+        truth = np.array([index[c] for c in captions])
+        k = min(int(ev.num_candidates), len(pool))
+        rng = np.random.default_rng(0)
+        correct = 0
+        for n, t in enumerate(truth):
+            others = rng.choice(len(pool) - 1, size=k - 1, replace=False)
+            others = others + (others >= t)  # Skip the true caption.
+            correct += scores[n, t] > scores[n, others].max(initial=-np.inf)
+        return {
+            f"eval/{split}/retrieval_top1_of_{k}": float(correct / len(truth)),
+            f"eval/{split}/retrieval_top1_of_all": float(np.mean(scores.argmax(1) == truth)),
+            f"eval/{split}/num_captions": float(len(pool)),
+        }
+
+
+TASK = ClipTask
