@@ -1,0 +1,89 @@
+"""Image bytes <-> arrays, and the resize used by every image pipeline (Pillow, no TensorFlow)."""
+from __future__ import annotations
+
+import io
+import operator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def _check_uint8_image(image, name: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
+            or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"{name} must be uint8 [height, width, 3], got {image.dtype} "
+                         f"{list(image.shape)}")
+    return image
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an image uint8 [height, width, 3]."""
+    image = _check_uint8_image(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any Pillow mode: alpha is composited over white, 16-bit greys scaled to 8."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if grey.max(initial=0) > 255 else 1.0
+        grey = np.clip(np.rint(grey / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decodes encoded image bytes (PNG, JPEG, WebP, ... any Pillow reads) to uint8 [H, W, 3] RGB.
+
+    Honours the EXIF orientation; grey, palette, CMYK and 16-bit images are converted to RGB and
+    transparent pixels are composited over white. Raises ValueError on corrupt or truncated data.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"decode_image expects encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes now, so truncated data fails here and not later
+            img = ImageOps.exif_transpose(img)
+            array = np.asarray(_to_rgb(img), dtype=np.uint8)
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ...
+        raise ValueError(f"could not decode image ({len(data)} bytes, starting "
+                         f"{data[:8]!r}): {type(error).__name__}: {error}") from error
+    return array.copy()
+
+
+def resize_center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """Resizes so the shorter side is `side` (Pillow bicubic, antialiased), then crops the centre.
+
+    image: uint8 [H, W, 3]; returns uint8 [side, side, 3].
+    """
+    image = _check_uint8_image(image)
+    try:
+        if isinstance(side, bool):
+            raise TypeError
+        side = operator.index(side)
+    except TypeError:
+        raise ValueError(f"side must be a positive integer, got {side!r}") from None
+    if side < 1:
+        raise ValueError(f"side must be a positive integer, got {side!r}")
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    new_w, new_h = max(side, round(w * scale)), max(side, round(h * scale))
+    img = Image.fromarray(image)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8).copy()
