@@ -1,0 +1,352 @@
+"""Reusable transformer building blocks (pure linen): attention, MLP, pre-LN block, layer stack.
+
+Conventions shared by every module here:
+- `dtype` is the activation/compute dtype (e.g. bfloat16); `param_dtype` the storage dtype (float32).
+- LayerNorm is always computed in float32 and its output cast back to `dtype`.
+- Every parameter is created through `nn.with_logical_partitioning` with the logical names of
+  `unclip_jax.parallel` (`embed`, `mlp`, `heads`, `kv`, `vocab`, `norm`; a stacked layer axis is
+  `layers`), and activations are constrained with the `act_*` names, so the same module runs
+  replicated, FSDP- or tensor-sharded depending only on the rules in the config.
+- Submodule names follow Hugging Face CLIP (`self_attn.q_proj`, `layer_norm1`, `mlp.fc1`, ...) so that
+  published checkpoints map onto them by name.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+Array = jax.Array
+
+LAYER_AXIS = "layers"  # logical name of the leading axis of scanned (stacked) layer params
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+# `remat_policy` values: "none" disables rematerialisation, "full" recomputes everything in the
+# backward pass; any other name is a plain policy of `jax.checkpoint_policies`.
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "everything_saveable",
+                   "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                   "checkpoint_dots_with_no_batch_dims")
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Returns the elementwise activation called `name` ("quick_gelu", "gelu", "gelu_tanh")."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def get_remat_policy(name: str) -> Callable[..., bool] | None:
+    """Maps a `remat_policy` name to a `jax.checkpoint_policies` policy (None means "full")."""
+    if name not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; expected one of {list(_REMAT_POLICIES)}")
+    if name in ("none", "full"):
+        return None
+    return getattr(jax.checkpoint_policies, name)
+
+
+def _partitioned(init: Callable[..., Array], names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(init, names)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, computed in float32, output cast to `dtype`.
+
+    x: [..., features] -> [..., features]. Parameters `scale`/`bias` have logical name `norm`.
+    """
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (features,),
+                           self.param_dtype)
+        bias = self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), (features,),
+                          self.param_dtype)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding: ids int [...] -> [..., features] in `dtype`; table [vocab, embed].
+
+    Before the lookup the table is constrained to `("vocab", None)`: the FSDP all-gather of the
+    `embed` axis happens up front (as for every other weight), so the gather output can be laid
+    out by batch instead of being fully rematerialised by the partitioner.
+    """
+    num_embeddings: int
+    features: int
+    embedding_init: Callable[..., Array] = nn.initializers.normal(0.02)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: Array) -> Array:
+        table = self.param("embedding", _partitioned(self.embedding_init, ("vocab", "embed")),
+                           (self.num_embeddings, self.features), self.param_dtype)
+        table = nn.with_logical_constraint(jnp.asarray(table, self.dtype), ("vocab", None))
+        return jnp.take(table, ids, axis=0)
+
+
+class HeadsDense(nn.Module):
+    """Biased projection to or from attention heads, with a full-rank logically named kernel.
+
+    `contract_heads=False`: [..., embed] -> [..., heads, kv], kernel [embed, heads, kv],
+    bias [heads, kv]. `contract_heads=True`: [..., heads, kv] -> [..., embed], kernel
+    [heads, kv, embed], bias [embed]. (This is `nn.DenseGeneral` restricted to these two cases;
+    DenseGeneral initialises its kernel flat and unboxes it, which fails on a 3-D logically
+    partitioned kernel whenever a mesh is set, as in a sharded `init`.)
+    """
+    features: tuple[int, ...]
+    contract_heads: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.contract_heads:
+            in_shape, names = tuple(x.shape[-2:]), ("heads", "kv", "embed")
+            init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+            bias_names = ("embed",)
+            equation = "...hd,hde->...e"
+        else:
+            in_shape, names = (x.shape[-1],), ("embed", "heads", "kv")
+            init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+            bias_names = ("heads", "kv")
+            equation = "...e,ehd->...hd"
+        kernel = self.param("kernel", _partitioned(init, names), in_shape + tuple(self.features),
+                            self.param_dtype)
+        bias = self.param("bias", _partitioned(nn.initializers.zeros, bias_names),
+                          tuple(self.features), self.param_dtype)
+        y = jnp.einsum(equation, x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        return y + jnp.asarray(bias, self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head dot-product attention with separate, biased q/k/v/out projections (as HF CLIP).
+
+    Kernels: q/k/v `[embed, heads, kv]`, out `[heads, kv, embed]`. The attention itself is
+    `jax.nn.dot_product_attention` (logits and softmax in float32 there).
+    """
+    num_heads: int
+    head_dim: int | None = None  # defaults to width // num_heads
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    implementation: str | None = None  # None: let JAX/XLA choose; "xla" or "cudnn" to force one
+
+    @nn.compact
+    def __call__(self, x: Array, *, causal: bool = False, key_padding_mask: Array | None = None,
+                 inputs_kv: Array | None = None) -> Array:
+        """Attends `x` to itself (or to `inputs_kv` when given).
+
+        x: [batch, length, width]; inputs_kv: [batch, kv_length, width] or None;
+        key_padding_mask: bool [batch, kv_length], True where a key is a real token (may be None).
+        causal: position i only attends to positions <= i (self-attention only).
+        Returns [batch, length, width] in `dtype`.
+        """
+        width = x.shape[-1]
+        if self.head_dim is None and width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.head_dim or width // self.num_heads
+        kv_in = x if inputs_kv is None else inputs_kv
+        if causal and inputs_kv is not None:
+            raise ValueError("causal=True is only defined for self-attention (inputs_kv=None)")
+
+        def proj(name):
+            return HeadsDense(features=(self.num_heads, head_dim), dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
+
+        act_heads = ("act_batch", "act_length", "act_heads", "act_kv")
+        q = nn.with_logical_constraint(proj("q_proj")(x.astype(self.dtype)), act_heads)
+        k = nn.with_logical_constraint(proj("k_proj")(kv_in.astype(self.dtype)), act_heads)
+        v = nn.with_logical_constraint(proj("v_proj")(kv_in.astype(self.dtype)), act_heads)
+
+        mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != k.shape[:2]:
+                raise ValueError(f"key_padding_mask has shape {key_padding_mask.shape}; "
+                                 f"expected [batch, kv_length] = {k.shape[:2]}")
+            mask = key_padding_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(q), S]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                           implementation=self.implementation)
+        out = nn.with_logical_constraint(out.astype(self.dtype), act_heads)
+
+        y = HeadsDense(features=(width,), contract_heads=True, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="out_proj")(out)
+        return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP: fc1 -> activation -> fc2 (both biased). [..., width] -> [..., width]."""
+    hidden_dim: int
+    activation: str = "quick_gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        act = get_activation(self.activation)
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x.astype(self.dtype))
+        h = nn.with_logical_constraint(act(h), ("act_batch", "act_length", "act_mlp"))
+        y = nn.Dense(
+            width, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_partitioned(nn.initializers.lecun_normal(), ("mlp", "embed")),
+            bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(h)
+        return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)); then x + mlp(ln2(x)). [B, L, W] -> [B, L, W]."""
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: str | None = None
+    scanned: bool = False  # return (x, None), the carry/output pair `nn.scan` expects
+
+    @nn.compact
+    def __call__(self, x: Array, key_padding_mask: Array | None = None):
+        """x: [batch, length, width]; key_padding_mask: bool [batch, length] or None."""
+        width = x.shape[-1]
+        x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
+        h = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="layer_norm1")(x)
+        h = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype,
+                               param_dtype=self.param_dtype,
+                               implementation=self.attention_implementation,
+                               name="self_attn")(h, causal=self.causal,
+                                                 key_padding_mask=key_padding_mask)
+        x = x + h
+        h = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="layer_norm2")(x)
+        h = Mlp(hidden_dim=int(round(width * self.mlp_ratio)), activation=self.activation,
+                dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+        x = nn.with_logical_constraint(x + h, ("act_batch", "act_length", "act_embed"))
+        return (x, None) if self.scanned else x
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` pre-LN `TransformerBlock`s (no final LayerNorm). [B, L, W] -> [B, L, W].
+
+    With `scan_layers=True` the blocks run under `nn.scan` and their params are stacked under
+    `layers` with a leading axis of size `depth` (logical name `layers`); otherwise they are
+    `layers_0 ... layers_{depth-1}`. `stack_layer_params` / `unstack_layer_params` convert.
+    `remat_policy` ("none", "full", "dots_saveable", "nothing_saveable", ...) wraps each block in
+    `nn.remat` with the matching `jax.checkpoint_policies` policy.
+    """
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, key_padding_mask: Array | None = None) -> Array:
+        """x: [batch, length, width]; key_padding_mask: bool [batch, length] or None."""
+        policy = get_remat_policy(self.remat_policy)
+        get_activation(self.activation)  # fail early on a bad name
+        block_cls = TransformerBlock
+        if self.remat_policy != "none":
+            # prevent_cse is only needed outside scan (scan already blocks CSE across iterations).
+            block_cls = nn.remat(TransformerBlock, policy=policy, prevent_cse=not self.scan_layers)
+        kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                      activation=self.activation, causal=self.causal, dtype=self.dtype,
+                      param_dtype=self.param_dtype,
+                      attention_implementation=self.attention_implementation)
+        if self.scan_layers:
+            stack = nn.scan(block_cls, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast,), length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+            x, _ = stack(scanned=True, name=LAYER_AXIS, **kwargs)(x, key_padding_mask)
+            return x
+        for i in range(self.depth):
+            x = block_cls(name=f"{LAYER_AXIS}_{i}", **kwargs)(x, key_padding_mask)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting params between the scanned (stacked) and unrolled layouts.
+# ----------------------------------------------------------------------------------------------
+
+_LAYER_KEY = re.compile(rf"^{LAYER_AXIS}_(\d+)$")
+
+
+def _stack_leaves(leaves: list[Any]) -> Any:
+    if isinstance(leaves[0], nn.Partitioned):
+        first = leaves[0]
+        value = jnp.stack([leaf.unbox() for leaf in leaves], axis=0)
+        return first.replace(value=value, names=(LAYER_AXIS,) + tuple(first.names))
+    return jnp.stack([jnp.asarray(leaf) for leaf in leaves], axis=0)
+
+
+def _unstack_leaf(leaf: Any, i: int) -> Any:
+    if isinstance(leaf, nn.Partitioned):
+        names = tuple(leaf.names)
+        if not names or names[0] != LAYER_AXIS:
+            raise ValueError(f"stacked param has axis names {names}; expected {LAYER_AXIS!r} first")
+        return leaf.replace(value=leaf.unbox()[i], names=names[1:])
+    return leaf[i]
+
+
+def stack_layer_params(params: Any) -> Any:
+    """Unrolled -> scanned layout: every dict holding `layers_0..layers_{n-1}` gets them stacked
+    into one `layers` subtree whose leaves have a new leading axis of size n (boxes get `layers`)."""
+    if not isinstance(params, dict) and not hasattr(params, "items"):
+        return params
+    params = dict(params)
+    indices = sorted(int(m.group(1)) for k in params if (m := _LAYER_KEY.match(str(k))))
+    out = {k: stack_layer_params(v) for k, v in params.items() if not _LAYER_KEY.match(str(k))}
+    if indices:
+        if indices != list(range(len(indices))):
+            raise ValueError(f"layer keys are not contiguous from 0: {indices}")
+        if LAYER_AXIS in out:
+            raise ValueError(f"params hold both {LAYER_AXIS!r} and {LAYER_AXIS}_i keys")
+        layers = [params[f"{LAYER_AXIS}_{i}"] for i in indices]
+        out[LAYER_AXIS] = jax.tree.map(lambda *xs: _stack_leaves(list(xs)), *layers,
+                                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return out
+
+
+def unstack_layer_params(params: Any) -> Any:
+    """Scanned -> unrolled layout: every `layers` subtree becomes `layers_0..layers_{n-1}`, with n
+    the leading dimension of its leaves (the inverse of `stack_layer_params`)."""
+    if not isinstance(params, dict) and not hasattr(params, "items"):
+        return params
+    out = {}
+    for k, v in dict(params).items():
+        if k == LAYER_AXIS and hasattr(v, "items"):
+            leaves = jax.tree.leaves(v, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+            n = int(np.shape(leaves[0].unbox() if isinstance(leaves[0], nn.Partitioned)
+                             else leaves[0])[0])
+            for i in range(n):
+                out[f"{LAYER_AXIS}_{i}"] = jax.tree.map(
+                    lambda x, i=i: _unstack_leaf(x, i), v,
+                    is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        else:
+            out[k] = unstack_layer_params(v)
+    return out
