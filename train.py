@@ -5,6 +5,8 @@
 Re-running the same command resumes from the workdir's latest checkpoint; a finished stage only
 re-evaluates.
 """
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,9 +18,18 @@ flags.DEFINE_bool("distributed", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of orbax and TFDS (warnings and errors still show)."""
+
+    def filter(self, record):
+        noisy = ("orbax", "tensorflow_datasets", "grain")
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     if FLAGS.distributed:

@@ -41,6 +41,7 @@ def data_config(side: int) -> ml_collections.ConfigDict:
 def mesh_config() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); -1 takes the rest.
+    m.num_devices = 0  # Use only the first N devices of each process (0: all of them).
     # Logical axis -> mesh axes, first match wins (see unclip_jax/parallel.py for the vocabulary).
     m.rules = tuple((name, axes) for name, axes in parallel.DEFAULT_RULES)
     return m
@@ -58,13 +59,13 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.dir = ""  # Tokenizer directory (HF CLIP format); "" trains a BPE on the shapes captions into <workdir>/tokenizer.
-    c.tokenizer.vocab_size = 512  # Vocabulary of the BPE trained on the shapes captions.
-    c.tokenizer.context_length = 24  # Text tokens per caption; longer captions are truncated with a warning.
+    c.tokenizer.vocab_size = 1024  # Vocabulary cap of the BPE trained on the shapes captions.
+    c.tokenizer.context_length = 20  # Text tokens (shapes captions need at most 16) per caption; longer captions are truncated with a warning.
 
     c.model = ml_collections.ConfigDict()
     c.model.embed_dim = 32 if tiny else 128  # Shared image/text embedding width (z_i, z_t).
     c.model.image_size = c.data.side  # Input side in pixels.
-    c.model.patch_size = 8  # ViT patch side.
+    c.model.patch_size = 8 if tiny else 16  # ViT patch side (16 px: 4x4 patches + class token at 64 px).
     c.model.vision_width = 32 if tiny else 128  # ViT width.
     c.model.vision_depth = 1 if tiny else 4  # ViT blocks.
     c.model.vision_heads = 2 if tiny else 4  # ViT attention heads.
@@ -79,10 +80,10 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32 if tiny else 128  # Global batch (all hosts); the contrastive loss spans all of it.
-    c.train.num_steps = 20 if tiny else 2_500  # Optimizer steps.
+    c.train.num_steps = 20 if tiny else 800  # Optimizer steps.
     c.train.grad_accum_steps = 1  # Micro-batches per step (each micro-batch is its own contrastive batch).
     c.train.learning_rate = 1e-3  # Peak learning rate.
-    c.train.warmup_steps = 5 if tiny else 200  # Linear warmup, then cosine decay to end_lr_fraction.
+    c.train.warmup_steps = 5 if tiny else 100  # Linear warmup, then cosine decay to end_lr_fraction.
     c.train.end_lr_fraction = 0.02  # Final learning rate / peak.
     c.train.weight_decay = 0.1  # AdamW decoupled weight decay (kernels only).
     c.train.b1 = 0.9  # Adam beta1.
@@ -91,7 +92,7 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
     c.train.ema_decay = 0.999  # EMA of params (warmed up as min(decay, (1+t)/(10+t))).
     c.train.log_every = 5 if tiny else 50  # Steps between metric logs (and NaN checks).
-    c.train.checkpoint_every = 10 if tiny else 500  # Steps between checkpoints.
+    c.train.checkpoint_every = 10 if tiny else 200  # Steps between checkpoints.
     c.train.keep_checkpoints = 3  # Checkpoints kept (older ones are deleted).
     c.train.eval_every = 0  # Steps between evaluations during training (0: only at the end).
 

@@ -74,6 +74,15 @@ def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | 
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+    """The mesh a config's `mesh` block describes (`shape`, optional `num_devices`)."""
+    n = int(mesh_config.get("num_devices", 0) or 0)
+    devices = jax.devices()[:n] if n else None
+    if n and jax.process_count() > 1:
+        raise ValueError("config.mesh.num_devices is for single-process runs; leave it at 0 on multi-host")
+    return make_mesh(mesh_config.shape, devices)
+
+
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
     """Normalises config rules (lists from a ConfigDict) into the tuple form linen expects."""
     if not rules:

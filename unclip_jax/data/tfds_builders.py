@@ -41,6 +41,12 @@ from etils import epath
 from unclip_jax.data import images, shapes
 
 SKIPPED_FILE = "skipped.json"
+
+
+class MissingSplitError(ValueError):
+    """The data set has no such split (e.g. `heldout` of a captioned folder)."""
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _MAX_LOGGED_SKIPS = 20
 
@@ -420,5 +426,5 @@ def load_source(name: str, *, split: str, data_dir=None, data=None):
         builder = tfds.builder(name, data_dir=data_dir)
     sources = builder.as_data_source()
     if split not in sources:
-        raise ValueError(f"{name!r} has no split {split!r}; it has {sorted(sources)}")
+        raise MissingSplitError(f"{name!r} has no split {split!r}; it has {sorted(sources)}")
     return sources[split]

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from unclip_jax import parallel
 from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.data import shapes
+from unclip_jax.data import tfds_builders
 from unclip_jax.data import tokenizer as tokenizer_lib
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.tasks.base import Task
@@ -77,8 +78,10 @@ class ClipTask(Task):
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         super().__init__(config, workdir)
         self.tokenizer = prepare_tokenizer(config, workdir)
+        # The embedding table is padded to a multiple of 128 rows so that it shards over any
+        # tensor-parallel size (ids past the tokenizer's vocabulary are never looked up).
         self.model = clip_lib.clip_model_from_config(
-            config.model, vocab_size=self.tokenizer.vocab_size, eot_token_id=self.tokenizer.eot_token_id,
+            config.model, vocab_size=-(-self.tokenizer.vocab_size // 128) * 128, eot_token_id=self.tokenizer.eot_token_id,
             eot_pooling=self.tokenizer.eot_pooling, context_length=self.tokenizer.context_length)
         self.side = int(config.model.image_size)
 
@@ -134,7 +137,7 @@ class ClipTask(Task):
         for split in self.config.eval.splits:
             try:
                 source = pipeline_lib.make_source(self.config.data, split)
-            except KeyError:
+            except tfds_builders.MissingSplitError:
                 logging.info("No %r split: skipping its evaluation.", split)
                 continue
             results.update(self.retrieval(params, mesh, source, split))

@@ -109,9 +109,15 @@ def init_state(task: Task, tx, rng: jax.Array, mesh, rules):
     abstract_boxed = jax.eval_shape(boxed_init, rng)
     shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            nn.meta.unbox(abstract_boxed), shardings)
+                            unbox(abstract_boxed), shardings)
     init = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)
     return init(rng), abstract
+
+
+def unbox(tree):
+    """Strips logical-axis boxes without the sharding constraint (usable outside jit too)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
 def state_shardings(abstract_state):
@@ -196,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     num_steps = int(config.train.num_steps)
     last_step = num_steps if stop_at_step is None else min(num_steps, int(stop_at_step))
 
-    mesh = parallel.make_mesh(config.mesh.shape)
+    mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.mesh.rules)
     dp = parallel.data_parallel_size(mesh)
     global_batch = int(config.train.batch_size)
