@@ -1,6 +1,7 @@
 """The generic training loop: sharding invariance, kill-and-resume, the NaN guard, accumulation."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -64,6 +65,43 @@ def test_kill_and_resume_reproduces_losses(tmp_path):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     for step in (4, 5, 6):
         assert a[step] == b[step], (step, a[step], b[step])
+
+
+class SigtermAt(clip_task.ClipTask):
+    """The CLIP task whose data stream delivers SIGTERM to the process while fetching a batch."""
+
+    at_batch = 3
+
+    def train_pipeline(self, **kwargs):
+        pipe = super().train_pipeline(**kwargs)
+        task, fetched = self, [0]
+
+        class Wrapped:
+            def __next__(self):
+                fetched[0] += 1
+                if fetched[0] == task.at_batch:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return next(pipe)
+
+            def get_state(self):
+                return pipe.get_state()
+
+            def set_state(self, state):
+                pipe.set_state(state)
+
+        return Wrapped()
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
+    config = tiny_config(num_steps=6, checkpoint_every=100)
+    loop.train_and_evaluate(config, str(tmp_path / "straight"))
+    workdir = str(tmp_path / "preempted")
+    stopped = loop.train_and_evaluate(config, workdir, task=SigtermAt(config, workdir))
+    assert stopped["step"] == 3
+    assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 3
+    assert loop.train_and_evaluate(config, workdir)["step"] == 6
+    a, b = losses(tmp_path / "straight"), losses(workdir)
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
 
 
 class NaNAfter(clip_task.ClipTask):
