@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import io
-import operator
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from unclip_jax.data.checks import checked_int
 
 
 def _check_uint8_image(image, name: str = "image") -> np.ndarray:
@@ -71,14 +72,7 @@ def resize_center_crop(image: np.ndarray, side: int) -> np.ndarray:
     image: uint8 [H, W, 3]; returns uint8 [side, side, 3].
     """
     image = _check_uint8_image(image)
-    try:
-        if isinstance(side, bool):
-            raise TypeError
-        side = operator.index(side)
-    except TypeError:
-        raise ValueError(f"side must be a positive integer, got {side!r}") from None
-    if side < 1:
-        raise ValueError(f"side must be a positive integer, got {side!r}")
+    side = checked_int("side", side, 1)
     h, w = image.shape[:2]
     scale = side / min(h, w)
     new_w, new_h = max(side, round(w * scale)), max(side, round(h * scale))

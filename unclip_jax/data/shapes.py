@@ -32,6 +32,8 @@ import operator
 
 import numpy as np
 
+from unclip_jax.data.checks import checked_int
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 60),
@@ -220,23 +222,11 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
 
 
-def _check_nonnegative_int(name: str, value) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
 def sample_scene(seed: int, split: str, index: int) -> Scene:
     """The scene of example `index` of `split` (a pure function of its arguments)."""
     _check_split(split)
-    seed = _check_nonnegative_int("seed", seed)
-    index = _check_nonnegative_int("index", index)
+    seed = checked_int("seed", seed)
+    index = checked_int("index", index)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], index]))
     single, pair = _split_captions(split)
     pool = single if rng.random() < SINGLE_FRACTION else pair
@@ -260,25 +250,13 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"shape {shape!r} is not one of {SHAPES}")
 
 
-def _check_side(side) -> int:
-    try:
-        if isinstance(side, bool):
-            raise TypeError
-        side = operator.index(side)
-    except TypeError:
-        raise ValueError(f"side must be an integer >= {MIN_SIDE}, got {side!r}") from None
-    if side < MIN_SIDE:
-        raise ValueError(f"side must be an integer >= {MIN_SIDE}, got {side!r}")
-    return side
-
-
 def render(scene: Scene, side: int) -> np.ndarray:
     """Renders a scene anti-aliased: uint8 [side, side, 3] sRGB, side >= 16.
 
     Draws at 4x the side (pixel centres at (i + 0.5) / (4 side)), averages each 4x4 block and
     rounds half up, so the result is exact integer arithmetic on every machine.
     """
-    side = _check_side(side)
+    side = checked_int("side", side, MIN_SIDE)
     if scene.background not in BACKGROUNDS:
         raise ValueError(f"background {scene.background!r} is not one of {tuple(BACKGROUNDS)}")
     n = SUPERSAMPLING
@@ -317,7 +295,7 @@ def render(scene: Scene, side: int) -> np.ndarray:
 
 def example(seed: int, split: str, index: int, side: int) -> dict:
     """{"image": uint8 [side, side, 3], "caption": str} of example `index` of `split`."""
-    side = _check_side(side)
+    side = checked_int("side", side, MIN_SIDE)
     scene = sample_scene(seed, split, index)
     return {"image": render(scene, side), "caption": scene.caption}
 
@@ -332,9 +310,9 @@ class ShapesSource:
     def __init__(self, split: str, side: int, num_examples: int, seed: int = 0):
         _check_split(split)
         self.split = split
-        self.side = _check_side(side)
-        self.num_examples = _check_nonnegative_int("num_examples", num_examples)
-        self.seed = _check_nonnegative_int("seed", seed)
+        self.side = checked_int("side", side, MIN_SIDE)
+        self.num_examples = checked_int("num_examples", num_examples)
+        self.seed = checked_int("seed", seed)
 
     def __len__(self) -> int:
         return self.num_examples

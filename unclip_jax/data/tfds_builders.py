@@ -39,6 +39,7 @@ from absl import logging
 from etils import epath
 
 from unclip_jax.data import images, shapes
+from unclip_jax.data.checks import checked_int
 
 SKIPPED_FILE = "skipped.json"
 
@@ -49,12 +50,6 @@ class MissingSplitError(ValueError):
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _MAX_LOGGED_SKIPS = 20
-
-
-def _checked_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -83,11 +78,11 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
     def __post_init__(self):
-        self.side = _checked_int("side", self.side, shapes.MIN_SIDE)
-        self.num_train = _checked_int("num_train", self.num_train)
-        self.num_validation = _checked_int("num_validation", self.num_validation)
-        self.num_heldout = _checked_int("num_heldout", self.num_heldout)
-        self.seed = _checked_int("seed", self.seed)
+        self.side = checked_int("side", self.side, shapes.MIN_SIDE)
+        self.num_train = checked_int("num_train", self.num_train)
+        self.num_validation = checked_int("num_validation", self.num_validation)
+        self.num_heldout = checked_int("num_heldout", self.num_heldout)
+        self.seed = checked_int("seed", self.seed)
         if self.num_train + self.num_validation + self.num_heldout == 0:
             raise ValueError(f"shapes config {self.name!r} has no examples in any split")
         # The description names every parameter: `prepare` compares it with the stored one.

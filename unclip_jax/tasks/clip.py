@@ -84,6 +84,7 @@ class ClipTask(Task):
             config.model, vocab_size=-(-self.tokenizer.vocab_size // 128) * 128, eot_token_id=self.tokenizer.eot_token_id,
             eot_pooling=self.tokenizer.eot_pooling, context_length=self.tokenizer.context_length)
         self.side = int(config.model.image_size)
+        self._encoders = {}  # Jitted image / text encoders for evaluation, built on first use.
 
     # ------------------------------------------------------------------ model and loss
     def init_params(self, rng):
@@ -111,17 +112,13 @@ class ClipTask(Task):
     def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
               tokens: np.ndarray | None = None) -> np.ndarray:
         """Unit CLIP embeddings [N, embed_dim] of uint8 images or int32 tokens, batched over the mesh."""
-        x = images if images is not None else tokens
-        method = self.model.encode_image if images is not None else self.model.encode_text
-        if not hasattr(self, "_encoders"):
-            self._encoders = {}
-        key = "image" if images is not None else "text"
+        kind, x = ("image", images) if images is not None else ("text", tokens)
+        key = (kind, mesh)
         if key not in self._encoders:
-            def fn(p, x):
-                if key == "image":
-                    x = normalize(x)
-                z = self.model.apply({"params": p}, x, method=method)
-                return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+            if kind == "image":
+                fn = lambda p, x: self.model.apply({"params": p}, normalize(x), method=self.model.encode_image)  # noqa: E731
+            else:
+                fn = lambda p, x: self.model.apply({"params": p}, x, method=self.model.encode_text)  # noqa: E731
             self._encoders[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
         bs = int(self.config.eval.batch_size)
         dp = parallel.data_parallel_size(mesh)
