@@ -39,6 +39,8 @@ def get_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
         module = importlib.import_module(f"unclip_jax.tasks.{config.stage}")
     except ModuleNotFoundError as e:
         raise ValueError(f"config.stage={config.stage!r}: no task module unclip_jax/tasks/{config.stage}.py") from e
+    if not hasattr(module, "TASK"):
+        raise ValueError(f"config.stage={config.stage!r}: unclip_jax/tasks/{config.stage}.py is not a trainable stage")
     return module.TASK(config, workdir)
 
 
@@ -97,20 +99,34 @@ def _global_norm(tree) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Sharded initialisation.
 # ---------------------------------------------------------------------------------------------
-def init_state(task: Task, tx, rng: jax.Array, mesh, rules):
-    """Initialises the train state directly into its shardings; returns (state, abstract_state).
-
-    `abstract_state` is the unboxed tree of `ShapeDtypeStruct`s with shardings (what restore needs).
-    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
-    """
+def _boxed_init_fn(task: Task, tx):
     def boxed_init(r):
         return state_lib.create_state(task.init_params(r), tx)
 
-    abstract_boxed = jax.eval_shape(boxed_init, rng)
+    return boxed_init
+
+
+def abstract_train_state(task: Task, tx, rng: jax.Array, mesh, rules):
+    """The train state's unboxed tree of `ShapeDtypeStruct`s with shardings, allocating nothing.
+
+    This is what `init_state` initialises into and what a checkpoint restores onto.
+    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    abstract_boxed = jax.eval_shape(_boxed_init_fn(task, tx), rng)
     shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            unbox(abstract_boxed), shardings)
-    init = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=shardings)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        unbox(abstract_boxed), shardings)
+
+
+def init_state(task: Task, tx, rng: jax.Array, mesh, rules):
+    """Initialises the train state directly into its shardings; returns (state, abstract_state).
+
+    `abstract_state` is `abstract_train_state(...)` (what restore needs).
+    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    abstract = abstract_train_state(task, tx, rng, mesh, rules)
+    boxed_init = _boxed_init_fn(task, tx)
+    init = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=state_shardings(abstract))
     return init(rng), abstract
 
 

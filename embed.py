@@ -1,0 +1,72 @@
+"""Caches a trained CLIP's embeddings of its data set, so the prior and decoder never run CLIP.
+
+  python embed.py --clip_workdir runs/shapes_clip --cache_dir runs/shapes_clip/cache \
+      [--splits train,validation,heldout] [--num_examples N] [--batch_size 256]
+
+Re-running the same command resumes an interrupted cache (complete chunks are kept). A cache built
+from another CLIP (or step, or size) is never overwritten: pick another --cache_dir.
+"""
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("clip_workdir", None, "Workdir of a trained CLIP (python train.py --config ...:clip).")
+flags.DEFINE_string("cache_dir", None, "Where the cache goes: <cache_dir>/<split>/.")
+flags.DEFINE_list("splits", ["train", "validation", "heldout"],
+                  "Splits to cache (splits the data set lacks are skipped).")
+flags.DEFINE_integer("num_examples", None, "At most this many examples per split (default: all).")
+flags.DEFINE_integer("batch_size", 256, "Encoder batch size (all local devices together).")
+flags.DEFINE_integer("chunk_size", 1024, "Examples per chunk file (the unit of resuming).")
+flags.DEFINE_enum("text_hidden_dtype", "float16", ["float16", "float32"],
+                  "Storage dtype of the text tower's hidden states.")
+flags.DEFINE_integer("step", None, "CLIP checkpoint step (default: the latest).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host: Cloud TPU, Slurm, Kubernetes).")
+flags.mark_flags_as_required(["clip_workdir", "cache_dir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter of orbax and TFDS (warnings and errors still show)."""
+
+    def filter(self, record):
+        noisy = ("orbax", "tensorflow_datasets", "grain")
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    from unclip_jax.data import embedding_cache
+    from unclip_jax.tasks import embed
+
+    from unclip_jax.train import restore
+
+    try:
+        summaries = embed.build_clip_cache(
+            FLAGS.clip_workdir, FLAGS.cache_dir, FLAGS.splits, num_examples=FLAGS.num_examples,
+            batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
+            text_hidden_dtype=FLAGS.text_hidden_dtype, step=FLAGS.step, progress=True)
+    except (restore.NotTrainedError, embedding_cache.CacheMismatchError) as e:
+        sys.exit(f"embed.py: {e}")  # The user's input is wrong: the message says how, no traceback.
+    if jax.process_index() == 0:
+        print(f"Embedding cache in {FLAGS.cache_dir}:")
+        by = ", counting process 0's share" if jax.process_count() > 1 else ""
+        for split, mine in summaries.items():
+            s = embedding_cache.summarize(FLAGS.cache_dir, split)
+            m = s["metadata"]
+            print(f"  {split}: {s['num_valid']} of {s['num_examples']} examples cached "
+                  f"({s['num_invalid']} unreadable skipped) in {s['num_chunks']} chunks "
+                  f"({mine.chunks_written} written now, {mine.chunks_skipped} already there{by}); "
+                  f"CLIP step {m['clip_step']}, D={m['embed_dim']} L={m['context_length']} "
+                  f"W={m['text_width']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,76 @@
+"""Caching a trained CLIP's embeddings: the cache holds exactly what the CLIP task computes."""
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train import tiny_clip
+from unclip_jax.data import embedding_cache as ec
+from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.tasks import embed
+from unclip_jax.train import restore
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tiny_clip.trained_tiny_clip(tmp_path_factory)
+
+
+def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    summaries = embed.build_clip_cache(workdir, cache_dir, splits=("train", "validation"),
+                                       num_examples=40, batch_size=12, chunk_size=16)
+    assert sorted(summaries) == ["train", "validation"]
+    assert summaries["train"].chunks_written == 3 and summaries["train"].invalid == {}
+
+    trained = restore.load_trained(workdir)
+    task, model = trained.task, trained.task.model
+    meta = ec.read_metadata(cache_dir, "train")
+    assert meta["clip_step"] == 2 and meta["clip_workdir"] == workdir
+    assert (meta["embed_dim"], meta["context_length"], meta["text_width"]) == (
+        model.embed_dim, model.context_length, model.text_width)
+
+    for split in ("train", "validation"):
+        cache = ec.CacheSource(cache_dir, split)
+        assert len(cache) == 40
+        records = [cache[i] for i in range(len(cache))]
+        source = pipeline_lib.make_source(trained.config.data, split)
+        decoded = [pipeline_lib.decode_example(source[i], task.side) for i in range(40)]
+        images = np.stack([image for image, _ in decoded])
+        captions = [caption for _, caption in decoded]
+        assert [r["caption"] for r in records] == captions
+        tokens = np.stack([r["tokens"] for r in records])
+        np.testing.assert_array_equal(tokens, task.tokenizer(captions))
+
+        z_i = np.stack([r["z_i"] for r in records])
+        z_t = np.stack([r["z_t"] for r in records])
+        assert z_i.shape == z_t.shape == (40, model.embed_dim) and z_i.dtype == np.float32
+        np.testing.assert_allclose(z_i, task.embed(trained.params, trained.mesh, images=images),
+                                   atol=1e-5)
+        np.testing.assert_allclose(z_t, task.embed(trained.params, trained.mesh, tokens=tokens),
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(z_i, axis=-1), 1.0, rtol=1e-5)
+
+    hidden = np.stack([r["text_hidden"] for r in records])
+    assert hidden.shape == (40, model.context_length, model.text_width)
+    assert hidden.dtype == np.float16
+    _, want = model.apply({"params": jax.device_get(trained.params)}, tokens, return_hidden=True,
+                          method=model.encode_text)
+    np.testing.assert_allclose(hidden.astype(np.float32), np.asarray(want), atol=2e-2, rtol=2e-3)
+
+    # Re-running resumes: every chunk is already there.
+    again = embed.build_clip_cache(workdir, cache_dir, splits=("train",), num_examples=40,
+                                   batch_size=12, chunk_size=16)
+    assert (again["train"].chunks_written, again["train"].chunks_skipped) == (0, 3)
+
+
+def test_non_clip_workdir_is_a_clear_error(workdir, tmp_path):
+    with pytest.raises(restore.NotTrainedError, match="does not exist"):
+        embed.build_clip_cache(str(tmp_path / "nowhere"), str(tmp_path / "cache"))
+    other = tmp_path / "prior"
+    shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    text = (other / "config.json").read_text().replace('"stage": "clip"', '"stage": "prior"')
+    (other / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="trained stage 'prior', not 'clip'"):
+        embed.build_clip_cache(str(other), str(tmp_path / "cache"))

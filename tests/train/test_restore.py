@@ -1,0 +1,97 @@
+"""Loading a trained stage from its workdir: the right params, any mesh, clear errors."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.train import tiny_clip
+from unclip_jax import parallel
+from unclip_jax.tasks import clip as clip_task
+from unclip_jax.train import restore
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tiny_clip.trained_tiny_clip(tmp_path_factory)
+
+
+def stored_state(workdir, step):
+    """The checkpoint's state read by orbax directly (no model, no abstract tree)."""
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restores_the_ema_params_of_the_latest_checkpoint(workdir):
+    trained = restore.load_trained(workdir)
+    stored = stored_state(workdir, 2)
+    assert trained.step == 2 and trained.which == "ema"
+    assert trained.config.stage == "clip" and trained.config.train.num_steps == 2
+    assert isinstance(trained.task, clip_task.ClipTask)
+    assert_trees_equal(trained.params, stored["ema_params"])
+    # The EMA differs from the raw params after two steps, so the choice is visible.
+    assert any(not np.array_equal(e, p) for e, p in
+               zip(jax.tree.leaves(stored["ema_params"]), jax.tree.leaves(stored["params"])))
+    kernel = trained.params["visual_projection"]["kernel"]
+    assert kernel.sharding.mesh.shape == trained.mesh.shape
+
+    raw = restore.load_trained(workdir, which="params", step=2)
+    assert raw.which == "params"
+    assert_trees_equal(raw.params, stored["params"])
+
+
+def test_restores_onto_another_mesh(workdir):
+    mesh = parallel.make_mesh((2, 2, 2))
+    trained = restore.load_trained(workdir, mesh=mesh)
+    assert trained.mesh is mesh
+    assert_trees_equal(trained.params, stored_state(workdir, 2)["ema_params"])
+    # The restored params work with the task: unit embeddings come out.
+    z = trained.task.embed(trained.params, mesh, images=np.zeros((8, 32, 32, 3), np.uint8))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_missing_workdir_config_or_checkpoint_are_clear_errors(workdir, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(restore.NotTrainedError, match=f"{missing} does not exist.*python train.py"):
+        restore.load_trained(str(missing))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(restore.NotTrainedError, match=f"{empty} has no config.json"):
+        restore.load_trained(str(empty))
+
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    shutil.copy(os.path.join(workdir, "config.json"), untrained / "config.json")
+    with pytest.raises(restore.NotTrainedError,
+                       match=rf"{untrained} has no checkpoint: train it first with python train.py "
+                             rf"--config <config file>:clip --workdir {untrained}"):
+        restore.load_trained(str(untrained))
+    (untrained / "checkpoints").mkdir()
+    with pytest.raises(restore.NotTrainedError, match="has no checkpoint"):
+        restore.load_trained(str(untrained))
+    assert sorted(os.listdir(untrained)) == ["checkpoints", "config.json"]  # Nothing written.
+
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .*available steps: \[2\]"):
+        restore.load_trained(workdir, step=7)
+    with pytest.raises(ValueError, match="which='best'"):
+        restore.load_trained(workdir, which="best")
+
+
+def test_checkpoint_incompatible_with_the_stored_config(workdir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["embed_dim"] = 16
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"is incompatible with the model state(.|\n)*visual_projection"):
+        restore.load_trained(str(other))

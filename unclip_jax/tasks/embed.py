@@ -1,0 +1,146 @@
+"""Runs a trained CLIP over its data once and caches the results (see `data/embedding_cache.py`).
+
+    summaries = build_clip_cache("runs/shapes_clip", "runs/shapes_clip/cache")
+    source = embedding_cache.CacheSource("runs/shapes_clip/cache", "train")
+
+`embed.py` at the repository root is the command-line entry. Not a trainable stage (no `TASK`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax import parallel
+from unclip_jax.data import embedding_cache
+from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import tfds_builders
+from unclip_jax.tasks import clip as clip_task
+from unclip_jax.train import checkpointing
+from unclip_jax.train import restore
+
+DEFAULT_SPLITS = ("train", "validation", "heldout")
+
+
+def _encoding_mesh_and_params(trained: restore.Trained):
+    """Each process encodes its own chunks alone, so with several hosts the params are gathered
+    and replicated over this host's devices (no collective runs while encoding)."""
+    if jax.process_count() == 1:
+        return trained.mesh, trained.params
+    from jax.experimental import multihost_utils
+
+    host_params = multihost_utils.process_allgather(trained.params, tiled=True)
+    mesh = parallel.make_mesh((-1, 1, 1), jax.local_devices())
+    return mesh, parallel.replicate(host_params, mesh)
+
+
+def make_encode_fn(trained: restore.Trained, *, text_hidden_dtype: str = "float16"):
+    """The cache's `encode_fn` for a trained CLIP; returns `(encode_fn, mesh)`.
+
+    `encode_fn(images uint8 [B, H, W, 3], captions list[str])` -> numpy dict: `z_i`, `z_t`
+    float32 [B, D] (unit norm), `text_hidden` [B, L, W] (`text_hidden_dtype`; the text tower's
+    final LayerNormed states) and `tokens` int32 [B, L]. Images are normalised exactly as in
+    training (`tasks.clip.normalize`). B must be a multiple of the mesh's data-parallel size.
+    """
+    task = trained.task
+    if not isinstance(task, clip_task.ClipTask):
+        raise ValueError(f"expected a trained CLIP, got stage {trained.config.stage!r}")
+    model, tokenizer = task.model, task.tokenizer
+    mesh, params = _encoding_mesh_and_params(trained)
+    rules = trained.rules
+    hidden_dtype = jnp.dtype(text_hidden_dtype)
+
+    def encode(params, images, tokens):
+        variables = {"params": params}
+        z_i = model.apply(variables, clip_task.normalize(images), method=model.encode_image)
+        z_t, hidden = model.apply(variables, tokens, return_hidden=True, method=model.encode_text)
+        return z_i, z_t, hidden.astype(hidden_dtype)
+
+    encode = jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    def encode_fn(images: np.ndarray, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        tokens = tokenizer(list(captions))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            z_i, z_t, hidden = encode(params, jax.device_put(np.asarray(images, np.uint8), batch_sharding),
+                                      jax.device_put(tokens, batch_sharding))
+        return {"z_i": np.asarray(z_i), "z_t": np.asarray(z_t), "text_hidden": np.asarray(hidden),
+                "tokens": tokens}
+
+    return encode_fn, mesh
+
+
+def describe_source(data, split: str, source) -> str:
+    """A short, stable description of a data source (stored in the cache metadata)."""
+    if data.source == "procedural":
+        return repr(source)
+    return f"tfds:{data.tfds_name}[{split}] ({len(source)} examples)"
+
+
+def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = DEFAULT_SPLITS,
+                     num_examples: int | None = None, batch_size: int = 256, *,
+                     chunk_size: int = embedding_cache.DEFAULT_CHUNK_SIZE,
+                     text_hidden_dtype: str = "float16", step: int | None = None,
+                     progress: bool = False) -> dict[str, embedding_cache.BuildSummary]:
+    """Loads the CLIP trained in `clip_workdir` (EMA params) and caches every split of its data.
+
+    Args:
+      clip_workdir: a CLIP `train.py` workdir.
+      cache_dir: where the cache goes (`<cache_dir>/<split>/`); resumes a partial cache there.
+      splits: splits of the CLIP config's data source; splits the source lacks are skipped.
+      num_examples: at most this many examples per split (default: all).
+      batch_size: encoder batch (rounded up to a multiple of the data-parallel size).
+      chunk_size, text_hidden_dtype: see `embedding_cache.build_cache`.
+      step: the CLIP checkpoint step (default: the latest).
+      progress: show progress bars.
+
+    Returns:
+      {split: BuildSummary} of this process's work, for the splits that exist.
+    """
+    clip_workdir = os.path.abspath(os.path.expanduser(os.fspath(clip_workdir)))
+    cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    stored = checkpointing.load_config(clip_workdir) if os.path.isdir(clip_workdir) else None
+    if stored is not None and stored.get("stage") != "clip":
+        raise ValueError(f"{clip_workdir} trained stage {stored.get('stage')!r}, not 'clip': "
+                         "pass a CLIP workdir as clip_workdir")
+    trained = restore.load_trained(clip_workdir, step=step)
+    encode_fn, mesh = make_encode_fn(trained, text_hidden_dtype=text_hidden_dtype)
+    dp = parallel.data_parallel_size(mesh)
+    if batch_size % dp:
+        rounded = -(-int(batch_size) // dp) * dp
+        logging.info("batch_size %d rounded up to %d (a multiple of %d devices)", batch_size,
+                     rounded, dp)
+        batch_size = rounded
+    config, model = trained.config, trained.task.model
+    summaries = {}
+    for split in splits:
+        try:
+            source = pipeline_lib.make_source(config.data, split)
+        except tfds_builders.MissingSplitError as e:
+            logging.warning("Skipping split %r: %s", split, e)
+            continue
+        n = len(source) if num_examples is None else min(int(num_examples), len(source))
+        metadata: dict[str, Any] = {
+            "clip_workdir": clip_workdir, "clip_step": trained.step, "clip_params": trained.which,
+            "embed_dim": int(model.embed_dim), "context_length": int(model.context_length),
+            "text_width": int(model.text_width), "image_size": int(config.model.image_size),
+            "tokenizer_dir": trained.task.tokenizer.path,
+            "source": describe_source(config.data, split, source),
+        }
+        summaries[split] = embedding_cache.build_cache(
+            source, encode_fn, cache_dir, split, num_examples=n, chunk_size=chunk_size,
+            batch_size=batch_size, metadata=metadata, process_index=jax.process_index(),
+            process_count=jax.process_count(), image_size=int(config.model.image_size),
+            text_hidden_dtype=text_hidden_dtype, num_threads=int(config.data.num_threads),
+            progress=progress and jax.process_index() == 0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("build_clip_cache")  # Every chunk is written.
+    return summaries
