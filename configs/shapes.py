@@ -12,11 +12,14 @@ import ml_collections
 from unclip_jax import parallel
 
 
+VARIANTS = ("clip", "prior")
+
+
 def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
     parts = [p.strip() for p in (arg or "clip").split(",") if p.strip()]
     variant, options = (parts[0] if parts else "clip"), set(parts[1:])
-    if variant not in ("clip",):
-        raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected one of: clip")
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected one of: {', '.join(VARIANTS)}")
     unknown = options - {"tiny"}
     if unknown:
         raise ValueError(f"configs/shapes.py: unknown option(s) {sorted(unknown)}; expected: tiny")
@@ -45,6 +48,29 @@ def mesh_config() -> ml_collections.ConfigDict:
     # Logical axis -> mesh axes, first match wins (see unclip_jax/parallel.py for the vocabulary).
     m.rules = tuple((name, axes) for name, axes in parallel.DEFAULT_RULES)
     return m
+
+
+def train_config(*, batch_size, num_steps, learning_rate, warmup_steps, weight_decay, b2, eps,
+                 ema_decay, log_every, checkpoint_every) -> ml_collections.ConfigDict:
+    """Optimisation, logging and checkpointing of one stage."""
+    t = ml_collections.ConfigDict()
+    t.batch_size = batch_size  # Global batch (all hosts).
+    t.num_steps = num_steps  # Optimizer steps.
+    t.grad_accum_steps = 1  # Micro-batches per step (a contrastive loss sees one micro-batch at a time).
+    t.learning_rate = learning_rate  # Peak learning rate.
+    t.warmup_steps = warmup_steps  # Linear warmup, then cosine decay to end_lr_fraction.
+    t.end_lr_fraction = 0.02  # Final learning rate / peak.
+    t.weight_decay = weight_decay  # AdamW decoupled weight decay (kernels only).
+    t.b1 = 0.9  # Adam beta1.
+    t.b2 = b2  # Adam beta2.
+    t.eps = eps  # Adam epsilon.
+    t.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
+    t.ema_decay = ema_decay  # EMA of params (warmed up as min(decay, (1+t)/(10+t))).
+    t.log_every = log_every  # Steps between metric logs (and NaN checks).
+    t.checkpoint_every = checkpoint_every  # Steps between checkpoints.
+    t.keep_checkpoints = 3  # Checkpoints kept (older ones are deleted).
+    t.eval_every = 0  # Steps between evaluations during training (0: only at the end).
+    return t
 
 
 def clip_config(tiny: bool) -> ml_collections.ConfigDict:
@@ -78,23 +104,10 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     c.model.scan_layers = False  # nn.scan over transformer blocks (faster compiles for deep stacks).
     c.model.remat_policy = "none"  # Rematerialisation: none | full | dots_saveable | nothing_saveable.
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32 if tiny else 128  # Global batch (all hosts); the contrastive loss spans all of it.
-    c.train.num_steps = 20 if tiny else 800  # Optimizer steps.
-    c.train.grad_accum_steps = 1  # Micro-batches per step (each micro-batch is its own contrastive batch).
-    c.train.learning_rate = 1e-3  # Peak learning rate.
-    c.train.warmup_steps = 5 if tiny else 100  # Linear warmup, then cosine decay to end_lr_fraction.
-    c.train.end_lr_fraction = 0.02  # Final learning rate / peak.
-    c.train.weight_decay = 0.1  # AdamW decoupled weight decay (kernels only).
-    c.train.b1 = 0.9  # Adam beta1.
-    c.train.b2 = 0.98  # Adam beta2.
-    c.train.eps = 1e-6  # Adam epsilon.
-    c.train.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
-    c.train.ema_decay = 0.999  # EMA of params (warmed up as min(decay, (1+t)/(10+t))).
-    c.train.log_every = 5 if tiny else 50  # Steps between metric logs (and NaN checks).
-    c.train.checkpoint_every = 10 if tiny else 200  # Steps between checkpoints.
-    c.train.keep_checkpoints = 3  # Checkpoints kept (older ones are deleted).
-    c.train.eval_every = 0  # Steps between evaluations during training (0: only at the end).
+    c.train = train_config(
+        batch_size=32 if tiny else 128, num_steps=20 if tiny else 800, learning_rate=1e-3,
+        warmup_steps=5 if tiny else 100, weight_decay=0.1, b2=0.98, eps=1e-6, ema_decay=0.999,
+        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 200)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 64 if tiny else 1_000  # Images per split for retrieval evaluation.
@@ -107,8 +120,58 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     return c
 
 
+def prior_config(tiny: bool) -> ml_collections.ConfigDict:
+    """The diffusion prior: caption (CLIP text hidden states + z_t) -> CLIP image embedding z_i."""
+    c = ml_collections.ConfigDict()
+    c.stage = "prior"  # Which task trains (unclip_jax/tasks/<stage>.py).
+    c.seed = 0  # Model init and training RNG seed.
+    c.clip_workdir = "runs/shapes_clip"  # The trained (frozen) CLIP: its tokenizer and embedding cache.
+    c.cache_dir = ""  # CLIP embedding cache (embed.py); "" = <clip_workdir>/cache.
+    c.data = ml_collections.ConfigDict()
+    c.data.shuffle_seed = 0  # Seed of the (per-epoch) shuffle of the training stream.
+    c.data.num_threads = 2  # Grain threads reading cache records.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.width = 32 if tiny else 256  # Transformer width.
+    c.model.depth = 1 if tiny else 4  # Transformer blocks.
+    c.model.num_heads = 2 if tiny else 4  # Attention heads.
+    c.model.mlp_ratio = 4.0  # MLP hidden width / width.
+    c.model.activation = "gelu"  # MLP activation.
+    c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
+    c.model.scan_layers = True  # nn.scan over blocks (one compiled block, faster compiles).
+    c.model.remat_policy = "nothing_saveable"  # Per-block remat (measured fastest on CPU): none | full | dots_saveable | nothing_saveable.
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"  # Noise schedule (paper: cosine).
+    c.diffusion.num_timesteps = 1000  # Training diffusion steps (paper: 1000).
+    c.diffusion.embedding_scale = 0.0  # Unit CLIP embeddings times this; 0 = sqrt(D) (paper: 17.2 for D=1024).
+    c.diffusion.text_drop_prob = 0.1  # Caption + z_t replaced by learned nulls this often (guidance).
+    c.diffusion.sample_steps = 64  # Strided sampling steps (paper: 64).
+    c.diffusion.sampler = "ddpm"  # ddpm (fixed small variance) | ddim | dpm++2m.
+    c.diffusion.guidance_scale = 1.0  # Classifier-free guidance (paper: guiding the prior hurt).
+    c.diffusion.best_of = 2  # Samples per caption; keep the highest dot product with z_t (paper: 2).
+
+    c.train = train_config(
+        batch_size=32 if tiny else 256, num_steps=20 if tiny else 3_000, learning_rate=5e-4,
+        warmup_steps=5 if tiny else 200, weight_decay=6e-2, b2=0.96, eps=1e-6, ema_decay=0.999,
+        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.splits = ("validation", "heldout")  # Splits evaluated (missing ones are skipped).
+    c.eval.num_examples = 32 if tiny else 1_000  # Captions per split.
+    c.eval.num_candidates = 8 if tiny else 32  # Images the sampled z_i picks among (retrieval).
+    c.eval.num_train_neighbours = 256 if tiny else 50_000  # Training z_i searched for the nearest-neighbour baseline.
+    c.eval.batch_size = 32 if tiny else 500  # Captions sampled per batch.
+    c.eval.seed = 0  # Sampling seed of the evaluation.
+    c.eval.use_ema = True  # Evaluate the EMA params.
+
+    c.mesh = mesh_config()
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _parse_arg(arg)
-    config = clip_config(tiny="tiny" in options)
+    tiny = "tiny" in options
+    config = clip_config(tiny) if variant == "clip" else prior_config(tiny)
     config.lock()
     return config

@@ -1,0 +1,210 @@
+"""The unCLIP diffusion prior: caption -> CLIP image embedding, trained on the CLIP embedding cache.
+
+Training (paper §2.2, App. C): embeddings are unit CLIP vectors multiplied by `embedding_scale`
+(default sqrt(D): unit variance per dimension, the role of the paper's 17.2 for its 1024-d ViT-H);
+x_t = q_sample(scale * z_i, t, noise) on a cosine schedule of 1000 steps; the model predicts the
+clean scaled z_i with an MSE loss; the text conditioning (caption tokens and z_t) is replaced by
+learned null embeddings 10% of the time for classifier-free guidance.
+
+Sampling: strided steps (64), DDPM ancestral with the fixed small (posterior) variance by default
+(the paper uses Analytic-DPM; Karlo uses the same fixed small variance), optional guidance, and the
+paper's best-of-2: two z_i per caption, keeping the one with the higher dot product with z_t.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+
+from unclip_jax import parallel
+from unclip_jax.data import embedding_cache
+from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.diffusion import gaussian, samplers
+from unclip_jax.diffusion.schedules import Schedule
+from unclip_jax.models import prior as prior_lib
+from unclip_jax.tasks import clip as clip_task
+from unclip_jax.tasks.base import Task
+from unclip_jax.train import checkpointing
+
+CACHE_FIELDS = ("z_i", "z_t", "text_hidden", "tokens")
+
+
+def text_mask(tokens: jax.Array, eot_token_id: int) -> jax.Array:
+    """True for the caption's tokens up to and including its first EOT: bool [B, L]."""
+    is_eot = tokens == eot_token_id
+    seen_before = jnp.cumsum(is_eot, axis=-1) - is_eot
+    return seen_before == 0
+
+
+def cache_dir_of(config: ml_collections.ConfigDict) -> str:
+    clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
+    return os.path.abspath(os.path.expanduser(config.cache_dir)) if config.cache_dir else \
+        os.path.join(clip_workdir, "cache")
+
+
+class PriorTask(Task):
+    """Trains the diffusion prior; evaluates sampled z_i against the true image embeddings."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        super().__init__(config, workdir)
+        clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
+        clip_config = checkpointing.load_config(clip_workdir)
+        if clip_config is None:
+            raise FileNotFoundError(
+                f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
+                "with python train.py --config configs/shapes.py:clip --workdir <dir>")
+        self.tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
+        self.cache_dir = cache_dir_of(config)
+        meta = embedding_cache.read_metadata(self.cache_dir, "train")
+        self.embed_dim = int(meta["embed_dim"])
+        self.text_length = int(meta["context_length"])
+        self.text_width = int(meta["text_width"])
+        diff = config.diffusion
+        self.scale = float(diff.embedding_scale) if diff.embedding_scale else math.sqrt(self.embed_dim)
+        self.model = prior_lib.prior_from_config(config.model, embed_dim=self.embed_dim,
+                                                 text_width=self.text_width, text_length=self.text_length)
+        self.schedule = Schedule.named(diff.schedule, int(diff.num_timesteps))
+        self.sample_schedule = self.schedule.respace(diff.sample_steps)
+        self._samplers = {}
+
+    # ------------------------------------------------------------------ model and loss
+    def init_params(self, rng):
+        b, d, length, w = 1, self.embed_dim, self.text_length, self.text_width
+        return self.model.init(rng, jnp.zeros((b, d)), jnp.zeros((b,), jnp.int32), jnp.zeros((b, d)),
+                               jnp.zeros((b, length, w)), jnp.ones((b, length), bool))["params"]
+
+    def loss_fn(self, params, batch, rng, step):
+        z_i = batch["z_i"] * self.scale
+        z_t = batch["z_t"] * self.scale
+        b = z_i.shape[0]
+        t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+        t = jax.random.randint(t_rng, (b,), 0, self.schedule.num_steps)
+        noise = jax.random.normal(noise_rng, z_i.shape, jnp.float32)
+        x_t = gaussian.q_sample(self.schedule, z_i, t, noise)
+        drop = jax.random.bernoulli(drop_rng, self.config.diffusion.text_drop_prob, (b,))
+        pred = self.model.apply({"params": params}, x_t, t, z_t, batch["text_hidden"].astype(jnp.float32),
+                                text_mask(batch["tokens"], self.tokenizer.eot_token_id), drop)
+        loss = jnp.mean(jnp.square(pred - z_i))
+        cos = jnp.sum(pred * z_i, -1) / (jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(z_i, axis=-1) + 1e-6)
+        return loss, {"cosine_to_target": cos.mean()}
+
+    # ------------------------------------------------------------------ data
+    def map_record(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(record[k]) for k in CACHE_FIELDS}
+
+    def train_pipeline(self, *, local_batch_size, process_index, process_count):
+        return pipeline_lib.make_pipeline(
+            embedding_cache.CacheSource(self.cache_dir, "train"), self.map_record,
+            local_batch_size=local_batch_size, shuffle_seed=self.config.data.shuffle_seed,
+            process_index=process_index, process_count=process_count,
+            num_threads=self.config.data.num_threads)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_fn(self, mesh: Mesh, *, guidance_scale: float, best_of: int, sampler: str):
+        """A jitted `(params, z_t, text_hidden, tokens, rng) -> z_i` (unit vectors [B, D])."""
+        key = (mesh, float(guidance_scale), int(best_of), sampler)
+        if key in self._samplers:
+            return self._samplers[key]
+        eot = self.tokenizer.eot_token_id
+
+        def sample(params, z_t, text_hidden, tokens, rng):
+            b = z_t.shape[0]
+            rep = lambda x: jnp.repeat(x, best_of, axis=0)  # noqa: E731  [B*k, ...], k per caption.
+            z_t_s, hidden, mask = rep(z_t * self.scale), rep(text_hidden.astype(jnp.float32)), rep(text_mask(tokens, eot))
+            n = b * best_of
+            if guidance_scale == 1:
+                def model_fn(x, t):
+                    return self.model.apply({"params": params}, x, t, z_t_s, hidden, mask)
+            else:
+                two = lambda x: jnp.concatenate([x, x], axis=0)  # noqa: E731
+                drop = jnp.concatenate([jnp.zeros((n,), bool), jnp.ones((n,), bool)])
+
+                def cond_uncond(x, t):
+                    return self.model.apply({"params": params}, x, t, two(z_t_s), two(hidden), two(mask), drop)
+                model_fn = samplers.guided(cond_uncond, guidance_scale)
+            x0 = samplers.sample(sampler, model_fn, self.sample_schedule, (n, self.embed_dim), rng,
+                                 param="x0", clip_x0=None)
+            z = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
+            # Best-of-k: keep, per caption, the sample with the highest dot product with z_t.
+            z = z.reshape(b, best_of, -1)
+            scores = jnp.einsum("bkd,bd->bk", z, z_t)
+            return jnp.take_along_axis(z, jnp.argmax(scores, axis=1)[:, None, None], axis=1)[:, 0]
+
+        fn = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
+        self._samplers[key] = fn
+        return fn
+
+    def sample_z_i(self, params, mesh: Mesh, records: Mapping[str, np.ndarray], rng: jax.Array, *,
+                   guidance_scale: float | None = None, best_of: int | None = None) -> np.ndarray:
+        """Samples unit z_i [N, D] for cached captions (`z_t`, `text_hidden`, `tokens`), batched."""
+        diff = self.config.diffusion
+        fn = self.sample_fn(mesh, guidance_scale=diff.guidance_scale if guidance_scale is None else guidance_scale,
+                            best_of=diff.best_of if best_of is None else best_of, sampler=diff.sampler)
+        n, bs = len(records["z_t"]), int(self.config.eval.batch_size)
+        dp = parallel.data_parallel_size(mesh)
+        out = []
+        for i in range(0, n, bs):
+            chunk = {k: records[k][i:i + bs] for k in ("z_t", "text_hidden", "tokens")}
+            m = len(chunk["z_t"])
+            chunk = {k: clip_task._pad_batch(v, dp)[0] for k, v in chunk.items()}
+            chunk = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in chunk.items()}
+            z = fn(params, chunk["z_t"], chunk["text_hidden"], chunk["tokens"], jax.random.fold_in(rng, i))
+            out.append(np.asarray(z)[:m])
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ evaluation
+    def _load_split(self, split: str, num: int) -> dict[str, np.ndarray]:
+        source = embedding_cache.CacheSource(self.cache_dir, split)
+        records = [source[i] for i in range(min(num, len(source)))]
+        out = {k: np.stack([np.asarray(r[k]) for r in records]) for k in CACHE_FIELDS}
+        out["caption"] = np.array([str(r["caption"]) for r in records])
+        return out
+
+    def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
+        """Cosine of sampled z_i with the true image embedding, next to the two baselines.
+
+        Baselines: z_t itself, and the training image embedding nearest to z_t. Retrieval: the
+        sampled z_i picks the true image among `num_candidates` images of other captions.
+        """
+        ev = self.config.eval
+        train = embedding_cache.CacheSource(self.cache_dir, "train")
+        train_z_i = np.stack([np.asarray(train[i]["z_i"]) for i in range(min(len(train), int(ev.num_train_neighbours)))])
+        results = {}
+        for split in ev.splits:
+            try:
+                data = self._load_split(split, int(ev.num_examples))
+            except embedding_cache.CacheNotFoundError:
+                logging.info("No cached %r split: skipping its evaluation.", split)
+                continue
+            z_i, z_t = data["z_i"], data["z_t"]
+            sampled = self.sample_z_i(params, mesh, data, jax.random.key(int(ev.seed)))
+            nearest = train_z_i[np.argmax(z_t @ train_z_i.T, axis=1)]
+            for name, pred in (("prior", sampled), ("z_t", z_t), ("nearest_train_z_i", nearest)):
+                results[f"eval/{split}/cosine_{name}"] = float(np.mean(np.sum(pred * z_i, -1)))
+                results[f"eval/{split}/retrieval_top1_{name}"] = self.retrieval(pred, z_i, data["caption"])
+        return results
+
+    def retrieval(self, pred: np.ndarray, z_i: np.ndarray, captions: np.ndarray) -> float:
+        """Top-1 of each prediction among its true image and distractor images of other captions."""
+        k = int(self.config.eval.num_candidates)
+        rng = np.random.default_rng(0)
+        scores = pred @ z_i.T
+        correct = 0
+        for n in range(len(pred)):
+            others = np.flatnonzero(captions != captions[n])
+            if len(others) == 0:
+                correct += 1
+                continue
+            picks = rng.choice(others, size=min(k - 1, len(others)), replace=False)
+            correct += scores[n, n] > scores[n, picks].max()
+        return float(correct / len(pred))
+
+
+TASK = PriorTask
