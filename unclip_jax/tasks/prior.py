@@ -43,6 +43,15 @@ def text_mask(tokens: jax.Array, eot_token_id: int) -> jax.Array:
     return seen_before == 0
 
 
+def best_of_k(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
+    """The paper's best-of-k: per caption, the candidate with the highest dot product with z_t.
+
+    z_i: candidates [B, k, D]; z_t: [B, D]. Returns [B, D].
+    """
+    scores = jnp.einsum("bkd,bd->bk", z_i, z_t)
+    return jnp.take_along_axis(z_i, jnp.argmax(scores, axis=1)[:, None, None], axis=1)[:, 0]
+
+
 def cache_dir_of(config: ml_collections.ConfigDict) -> str:
     clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
     return os.path.abspath(os.path.expanduser(config.cache_dir)) if config.cache_dir else \
@@ -132,10 +141,7 @@ class PriorTask(Task):
             x0 = samplers.sample(sampler, model_fn, self.sample_schedule, (n, self.embed_dim), rng,
                                  param="x0", clip_x0=None)
             z = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
-            # Best-of-k: keep, per caption, the sample with the highest dot product with z_t.
-            z = z.reshape(b, best_of, -1)
-            scores = jnp.einsum("bkd,bd->bk", z, z_t)
-            return jnp.take_along_axis(z, jnp.argmax(scores, axis=1)[:, None, None], axis=1)[:, 0]
+            return best_of_k(z.reshape(b, best_of, -1), z_t)
 
         fn = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
         self._samplers[key] = fn

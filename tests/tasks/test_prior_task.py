@@ -1,0 +1,117 @@
+"""The prior task: loss on the cache, sharding invariance, guidance, best-of-k, evaluation."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from tests.train import tiny_clip
+from unclip_jax import parallel
+from unclip_jax.diffusion import samplers
+from unclip_jax.tasks import embed
+from unclip_jax.tasks import prior as prior_task
+from unclip_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def clip_with_cache(tmp_path_factory):
+    """A tiny trained CLIP and its embedding cache (train, validation, heldout; 64 examples each)."""
+    workdir = tiny_clip.trained_tiny_clip(tmp_path_factory)
+    cache = str(tmp_path_factory.mktemp("prior_cache"))
+    embed.build_clip_cache(workdir, cache, num_examples=64, batch_size=32, chunk_size=32)
+    return workdir, cache
+
+
+def prior_config(clip_with_cache, **train):
+    config = shapes_config.get_config("prior,tiny")
+    with config.unlocked():
+        config.clip_workdir, config.cache_dir = clip_with_cache
+        config.train.log_every = 1
+        for k, v in train.items():
+            setattr(config.train, k, v)
+    return config
+
+
+def losses(workdir):
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def test_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
+    results = {}
+    for name, shape, n in (("one", (1, 1, 1), 1), ("eight", (2, 2, 2), 0)):
+        config = prior_config(clip_with_cache, num_steps=3)
+        with config.unlocked():
+            config.mesh.shape, config.mesh.num_devices = shape, n
+            config.eval.splits = ()
+        loop.train_and_evaluate(config, str(tmp_path / name))
+        results[name] = losses(tmp_path / name)
+    assert sorted(results["one"]) == [1, 2, 3]
+    np.testing.assert_allclose([results["one"][s] for s in (1, 2, 3)],
+                               [results["eight"][s] for s in (1, 2, 3)], rtol=1e-4)
+
+
+def test_evaluation_reports_prior_and_both_baselines(clip_with_cache, tmp_path):
+    config = prior_config(clip_with_cache, num_steps=2)
+    result = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    for split in ("validation", "heldout"):
+        for name in ("prior", "z_t", "nearest_train_z_i"):
+            assert -1.0 <= result[f"eval/{split}/cosine_{name}"] <= 1.0
+            assert 0.0 <= result[f"eval/{split}/retrieval_top1_{name}"] <= 1.0
+
+
+def test_best_of_k_keeps_the_candidate_closest_to_z_t():
+    z_t = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    z_i = jnp.array([[[0.0, 1.0], [0.6, 0.8]],    # second candidate is closer to z_t[0]
+                     [[0.6, 0.8], [1.0, 0.0]]])   # first candidate is closer to z_t[1]
+    np.testing.assert_allclose(prior_task.best_of_k(z_i, z_t), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
+
+
+def test_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
+    config = prior_config(clip_with_cache)
+    task = prior_task.PriorTask(config, str(tmp_path))
+    params = task.init_params(jax.random.key(0))
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    rng = np.random.default_rng(0)
+    b, length = 4, task.text_length
+    z_t = jnp.asarray(rng.normal(size=(b, task.embed_dim)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, length, task.text_width)), jnp.float32)
+    mask = jnp.ones((b, length), bool)
+    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+    two = lambda x: jnp.concatenate([x, x])  # noqa: E731
+
+    def cond(x, t):
+        return task.model.apply({"params": params}, x, t, z_t, hidden, mask)
+
+    def cond_uncond(x, t):
+        return task.model.apply({"params": params}, x, t, two(z_t), two(hidden), two(mask), drop)
+
+    x = jnp.asarray(rng.normal(size=(b, task.embed_dim)), jnp.float32)
+    t = jnp.full((b,), 500, jnp.int32)
+    # Equal up to float rounding (a batch of 2B is blocked differently from a batch of B).
+    np.testing.assert_allclose(samplers.guided(cond_uncond, 1.0)(x, t), cond(x, t), rtol=1e-5, atol=1e-5)
+    # A scale != 1 really mixes in the unconditional model.
+    assert not np.allclose(samplers.guided(cond_uncond, 3.0)(x, t), cond(x, t))
+    # The task's sampler at scale 1 (conditional only) returns unit embeddings, one per caption.
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    records = {"z_t": np.asarray(z_t), "text_hidden": np.asarray(hidden),
+               "tokens": np.zeros((b, length), np.int32)}
+    z = task.sample_z_i(params, mesh, records, jax.random.key(1), guidance_scale=1.0, best_of=2)
+    assert z.shape == (b, task.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_missing_clip_workdir_is_a_clear_error(tmp_path):
+    config = shapes_config.get_config("prior,tiny")
+    with config.unlocked():
+        config.clip_workdir = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="holds no trained CLIP"):
+        prior_task.PriorTask(config, str(tmp_path / "w"))
