@@ -132,9 +132,10 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     c.data.num_threads = 2  # Grain threads reading cache records.
 
     c.model = ml_collections.ConfigDict()
-    c.model.width = 32 if tiny else 256  # Transformer width.
+    c.model.width = 32 if tiny else 128  # Transformer width.
     c.model.depth = 1 if tiny else 4  # Transformer blocks.
     c.model.num_heads = 2 if tiny else 4  # Attention heads.
+    c.model.head_dim = 0  # Per-head width (0: width // num_heads).
     c.model.mlp_ratio = 4.0  # MLP hidden width / width.
     c.model.activation = "gelu"  # MLP activation.
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
@@ -152,7 +153,7 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     c.diffusion.best_of = 2  # Samples per caption; keep the highest dot product with z_t (paper: 2).
 
     c.train = train_config(
-        batch_size=32 if tiny else 256, num_steps=20 if tiny else 3_000, learning_rate=5e-4,
+        batch_size=32 if tiny else 128, num_steps=20 if tiny else 1_200, learning_rate=1e-3,
         warmup_steps=5 if tiny else 200, weight_decay=6e-2, b2=0.96, eps=1e-6, ema_decay=0.999,
         log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
 

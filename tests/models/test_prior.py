@@ -244,3 +244,23 @@ def test_bad_inputs_fail_clearly(model_and_vars):
         DiffusionPrior(**TINY, dropout=0.1).init(jax.random.key(0), *_inputs())
     with pytest.raises(ValueError, match="divisible"):
         DiffusionPrior(**{**TINY, "num_heads": 5}).init(jax.random.key(0), *_inputs())
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_prefix_sampling_path_equals_the_full_forward(scan_layers):
+    """encode_prefix + denoise (what sampling runs every step) == the full causal forward."""
+    model = DiffusionPrior(embed_dim=16, text_width=24, text_length=7, width=32, depth=2, num_heads=4,
+                           scan_layers=scan_layers)
+    rng = np.random.default_rng(0)
+    b = 3
+    z_i = jnp.asarray(rng.normal(size=(b, 16)), jnp.float32)
+    z_t = jnp.asarray(rng.normal(size=(b, 16)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, 7, 24)), jnp.float32)
+    mask = jnp.asarray(np.arange(7)[None] < np.array([3, 7, 5])[:, None])
+    t, drop = jnp.array([0, 500, 999]), jnp.array([False, True, False])
+    params = model.init(jax.random.key(0), z_i, t, z_t, hidden, mask, drop)
+    full = model.apply(params, z_i, t, z_t, hidden, mask, drop)
+    prefix = model.apply(params, z_t, hidden, mask, drop, method=model.encode_prefix)
+    assert prefix["kv"][0].shape == (2, b, 8, 4, 8)  # [depth, B, L + 1, heads, head_dim]
+    np.testing.assert_allclose(model.apply(params, prefix, z_i, t, method=model.denoise), full,
+                               rtol=1e-6, atol=1e-6)

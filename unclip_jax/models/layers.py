@@ -151,13 +151,18 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, causal: bool = False, key_padding_mask: Array | None = None,
-                 inputs_kv: Array | None = None) -> Array:
+                 inputs_kv: Array | None = None, prefix_kv: tuple[Array, Array] | None = None,
+                 return_kv: bool = False):
         """Attends `x` to itself (or to `inputs_kv` when given).
 
         x: [batch, length, width]; inputs_kv: [batch, kv_length, width] or None;
-        key_padding_mask: bool [batch, kv_length], True where a key is a real token (may be None).
+        key_padding_mask: bool [batch, kv_length], True where a key is a real token (may be None);
+        with `prefix_kv` it covers the prefix keys too ([batch, prefix + kv_length]).
         causal: position i only attends to positions <= i (self-attention only).
-        Returns [batch, length, width] in `dtype`.
+        prefix_kv: (keys, values) [batch, prefix, heads, kv] of earlier positions (a KV cache):
+          `x` continues that sequence, so causal query i sits at position prefix + i.
+        return_kv: also return this call's own (keys, values), to serve as a later prefix.
+        Returns [batch, length, width] in `dtype` (and the (keys, values) with `return_kv`).
         """
         width = x.shape[-1]
         if self.head_dim is None and width % self.num_heads:
@@ -176,19 +181,31 @@ class MultiHeadAttention(nn.Module):
         k = nn.with_logical_constraint(proj("k_proj")(kv_in.astype(self.dtype)), act_heads)
         v = nn.with_logical_constraint(proj("v_proj")(kv_in.astype(self.dtype)), act_heads)
 
+        own_kv = (k, v)
+        is_causal = causal
         mask = None
+        if prefix_kv is not None:
+            prefix = prefix_kv[0].shape[1]
+            k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+            if causal:  # Query i is at position prefix + i: it sees every key j <= prefix + i.
+                queries = jnp.arange(q.shape[1])[:, None] + prefix
+                mask = (jnp.arange(k.shape[1])[None, :] <= queries)[None, None]
+                is_causal = False
         if key_padding_mask is not None:
             if key_padding_mask.shape != k.shape[:2]:
                 raise ValueError(f"key_padding_mask has shape {key_padding_mask.shape}; "
                                  f"expected [batch, kv_length] = {k.shape[:2]}")
-            mask = key_padding_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(q), S]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+            padding = key_padding_mask.astype(bool)[:, None, None, :]  # [B, 1(heads), 1(q), S]
+            mask = padding if mask is None else mask & padding
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                            implementation=self.implementation)
         out = nn.with_logical_constraint(out.astype(self.dtype), act_heads)
 
         y = HeadsDense(features=(width,), contract_heads=True, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="out_proj")(out)
-        return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
+        y = nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
+        return (y, own_kv) if return_kv else y
 
 
 class Mlp(nn.Module):
@@ -223,25 +240,35 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_implementation: str | None = None
-    scanned: bool = False  # return (x, None), the carry/output pair `nn.scan` expects
+    scanned: bool = False  # return (x, kv or None), the carry/output pair `nn.scan` expects
+    head_dim: int | None = None  # per-head width; None = width // num_heads
+    return_kv: bool = False  # also return the attention's own (keys, values) (a KV cache)
 
     @nn.compact
-    def __call__(self, x: Array, key_padding_mask: Array | None = None):
-        """x: [batch, length, width]; key_padding_mask: bool [batch, length] or None."""
+    def __call__(self, x: Array, key_padding_mask: Array | None = None,
+                 prefix_kv: tuple[Array, Array] | None = None):
+        """x: [batch, length, width]; key_padding_mask: bool [batch, (prefix +) length] or None;
+        prefix_kv: cached (keys, values) of earlier positions that `x` continues (see attention)."""
         width = x.shape[-1]
         x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         h = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="layer_norm1")(x)
-        h = MultiHeadAttention(num_heads=self.num_heads, dtype=self.dtype,
+        h = MultiHeadAttention(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
                                param_dtype=self.param_dtype,
                                implementation=self.attention_implementation,
                                name="self_attn")(h, causal=self.causal,
-                                                 key_padding_mask=key_padding_mask)
+                                                 key_padding_mask=key_padding_mask,
+                                                 prefix_kv=prefix_kv, return_kv=self.return_kv)
+        kv = None
+        if self.return_kv:
+            h, kv = h
         x = x + h
         h = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="layer_norm2")(x)
         h = Mlp(hidden_dim=int(round(width * self.mlp_ratio)), activation=self.activation,
                 dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
         x = nn.with_logical_constraint(x + h, ("act_batch", "act_length", "act_embed"))
-        return (x, None) if self.scanned else x
+        if self.scanned:
+            return x, kv
+        return (x, kv) if self.return_kv else x
 
 
 class Transformer(nn.Module):
@@ -263,10 +290,17 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_implementation: str | None = None
+    head_dim: int | None = None  # per-head width; None = width // num_heads
 
     @nn.compact
-    def __call__(self, x: Array, key_padding_mask: Array | None = None) -> Array:
-        """x: [batch, length, width]; key_padding_mask: bool [batch, length] or None."""
+    def __call__(self, x: Array, key_padding_mask: Array | None = None,
+                 prefix_kv: tuple[Array, Array] | None = None, return_kv: bool = False):
+        """x: [batch, length, width]; key_padding_mask: bool [batch, (prefix +) length] or None.
+
+        prefix_kv: a KV cache from an earlier `return_kv=True` call (each [depth, batch, prefix,
+        heads, kv]): `x` continues that sequence. return_kv: also return every layer's (keys,
+        values) of this call's positions, stacked [depth, ...]. Returns x, or (x, (keys, values)).
+        """
         policy = get_remat_policy(self.remat_policy)
         get_activation(self.activation)  # fail early on a bad name
         block_cls = TransformerBlock
@@ -276,16 +310,24 @@ class Transformer(nn.Module):
         kwargs = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                       activation=self.activation, causal=self.causal, dtype=self.dtype,
                       param_dtype=self.param_dtype,
-                      attention_implementation=self.attention_implementation)
+                      attention_implementation=self.attention_implementation,
+                      head_dim=self.head_dim, return_kv=return_kv)
         if self.scan_layers:
             stack = nn.scan(block_cls, variable_axes={"params": 0},
                             split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast,), length=self.depth,
+                            in_axes=(nn.broadcast, 0), length=self.depth,
                             metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
-            x, _ = stack(scanned=True, name=LAYER_AXIS, **kwargs)(x, key_padding_mask)
-            return x
+            x, kv = stack(scanned=True, name=LAYER_AXIS, **kwargs)(x, key_padding_mask, prefix_kv)
+            return (x, kv) if return_kv else x
+        kvs = []
         for i in range(self.depth):
-            x = block_cls(name=f"{LAYER_AXIS}_{i}", **kwargs)(x, key_padding_mask)
+            layer_prefix = None if prefix_kv is None else jax.tree.map(lambda a: a[i], prefix_kv)
+            x = block_cls(name=f"{LAYER_AXIS}_{i}", **kwargs)(x, key_padding_mask, layer_prefix)
+            if return_kv:
+                x, kv = x
+                kvs.append(kv)
+        if return_kv:
+            return x, jax.tree.map(lambda *a: jnp.stack(a), *kvs)
         return x
 
 

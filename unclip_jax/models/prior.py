@@ -28,7 +28,7 @@ null_z_t, query, position_embedding, transformer/(layers | layers_i), ln_final, 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,7 @@ class DiffusionPrior(nn.Module):
     remat_policy: str = "nothing_saveable"
     attention_implementation: str | None = None
     num_timesteps: int = 1000
+    head_dim: int | None = None  # Per-head width (None: width // num_heads).
 
     @property
     def sequence_length(self) -> int:
@@ -129,18 +130,78 @@ class DiffusionPrior(nn.Module):
                              f"({batch},)")
 
     def _dense(self, features: int, names: tuple, bias_names: tuple, name: str,
-                dtype: Dtype | None = None) -> nn.Dense:
+               dtype: Dtype | None = None) -> nn.Dense:
         return nn.Dense(
             features, dtype=self.dtype if dtype is None else dtype, param_dtype=self.param_dtype,
             kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
             bias_init=_partitioned(nn.initializers.zeros, bias_names), name=name)
 
     def _learned_token(self, name: str) -> Array:
-        value = self.param(name, _partitioned(nn.initializers.normal(0.02), ("embed",)),
-                           (self.width,), self.param_dtype)
-        return jnp.asarray(value, self.dtype)
+        return self.param(name, _partitioned(nn.initializers.normal(0.02), ("embed",)),
+                          (self.width,), self.param_dtype)
 
-    @nn.compact
+    def setup(self):
+        self._check_config()
+        embed_in = ((None, "embed"), ("embed",))
+        self.text_proj = self._dense(self.width, *embed_in, "text_proj")
+        self.z_t_proj = self._dense(self.width, *embed_in, "z_t_proj")
+        self.z_i_proj = self._dense(self.width, *embed_in, "z_i_proj")
+        self.time_embed_fc1 = self._dense(self.width, ("embed", "mlp"), ("mlp",), "time_embed_fc1")
+        self.time_embed_fc2 = self._dense(self.width, ("mlp", "embed"), ("embed",), "time_embed_fc2")
+        self.null_text_token = self._learned_token("null_text_token")
+        self.null_z_t = self._learned_token("null_z_t")
+        self.query = self._learned_token("query")
+        self.position_embedding = self.param(
+            "position_embedding", _partitioned(nn.initializers.normal(0.01), (None, "embed")),
+            (self.sequence_length, self.width), self.param_dtype)
+        kwargs = dict(depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                      activation=self.activation, causal=True, dtype=self.dtype,
+                      param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                      remat_policy=self.remat_policy,
+                      attention_implementation=self.attention_implementation, head_dim=self.head_dim)
+        self.transformer = Transformer(name="transformer", **kwargs)
+        self.ln_final = LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")
+        self.out_proj = self._dense(self.embed_dim, ("embed", None), (None,), "out_proj",
+                                    dtype=jnp.float32)
+
+    def _positions(self, start: int, stop: int) -> Array:
+        return jnp.asarray(self.position_embedding[start:stop], self.dtype)[None]
+
+    def _prefix(self, z_t, text_hidden, text_mask, drop_text):
+        """Tokens [B, L + 1, width] of [text..., z_t] (with positions) and their key mask [B, L + 1]."""
+        batch, length = z_t.shape[0], self.text_length
+        text_mask = jnp.ones((batch, length), bool) if text_mask is None else text_mask.astype(bool)
+        text = self.text_proj(text_hidden.astype(self.dtype))
+        z_t_token = self.z_t_proj(z_t.astype(self.dtype))
+        if drop_text is not None:
+            drop = drop_text.astype(bool)
+            first = jnp.arange(length) == 0
+            null_text = jnp.where(first[:, None], jnp.asarray(self.null_text_token, self.dtype)[None], 0)
+            text = jnp.where(drop[:, None, None], null_text[None].astype(self.dtype), text)
+            text_mask = jnp.where(drop[:, None], first[None], text_mask)
+            z_t_token = jnp.where(drop[:, None], jnp.asarray(self.null_z_t, self.dtype)[None], z_t_token)
+        x = jnp.concatenate([text, z_t_token[:, None]], axis=1) + self._positions(0, length + 1)
+        x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
+        return x, jnp.concatenate([text_mask, jnp.ones((batch, 1), bool)], axis=1)
+
+    def _suffix(self, z_i_t, t):
+        """Tokens [B, 3, width] of [timestep, noised z_i, query] (with positions)."""
+        steps = t.astype(jnp.float32) * (1000.0 / self.num_timesteps)
+        h = self.time_embed_fc1(timestep_embedding(steps, self.width).astype(self.dtype))
+        t_token = self.time_embed_fc2(nn.silu(h))
+        z_i_token = self.z_i_proj(z_i_t.astype(self.dtype))
+        query = jnp.broadcast_to(jnp.asarray(self.query, self.dtype)[None], z_i_token.shape)
+        x = jnp.stack([t_token, z_i_token, query], axis=1).astype(self.dtype)
+        length = self.text_length + 1
+        x = x + self._positions(length, length + 3)
+        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+    def _output(self, x: Array, return_sequence: bool = False) -> Array:
+        x = self.ln_final(x)
+        if return_sequence:
+            return x
+        return nn.with_logical_constraint(self.out_proj(x[:, -1]), ("act_batch", None))
+
     def __call__(self, z_i_t: Array, t: Array, z_t: Array, text_hidden: Array,
                  text_mask: Array | None = None, drop_text: Array | None = None,
                  return_sequence: bool = False) -> Array:
@@ -154,61 +215,31 @@ class DiffusionPrior(nn.Module):
         Returns z_i_0_pred float32 [B, D], or with `return_sequence=True` the final hidden states
         (after the last LayerNorm) float32 [B, L + 4, width].
         """
-        self._check_config()
         self._check_inputs(z_i_t, t, z_t, text_hidden, text_mask, drop_text)
-        batch, length = z_i_t.shape[0], self.text_length
-        act_seq = ("act_batch", "act_length", "act_embed")
-        if text_mask is None:
-            text_mask = jnp.ones((batch, length), bool)
-        text_mask = text_mask.astype(bool)
+        prefix, prefix_mask = self._prefix(z_t, text_hidden, text_mask, drop_text)
+        x = jnp.concatenate([prefix, self._suffix(z_i_t, t)], axis=1)
+        mask = jnp.concatenate([prefix_mask, jnp.ones((x.shape[0], 3), bool)], axis=1)
+        return self._output(self.transformer(x, mask), return_sequence)
 
-        text = self._dense(self.width, (None, "embed"), ("embed",), "text_proj")(
-            text_hidden.astype(self.dtype))
-        text = nn.with_logical_constraint(text, act_seq)
-        z_t_token = self._dense(self.width, (None, "embed"), ("embed",), "z_t_proj")(
-            z_t.astype(self.dtype))
-        z_i_token = self._dense(self.width, (None, "embed"), ("embed",), "z_i_proj")(
-            z_i_t.astype(self.dtype))
+    def encode_prefix(self, z_t: Array, text_hidden: Array, text_mask: Array | None = None,
+                      drop_text: Array | None = None) -> dict[str, Any]:
+        """The caption part of the sequence, computed once per sample (a KV cache).
 
-        steps = t.astype(jnp.float32) * (1000.0 / self.num_timesteps)
-        h = timestep_embedding(steps, self.width).astype(self.dtype)
-        h = self._dense(self.width, ("embed", "mlp"), ("mlp",), "time_embed_fc1")(h)
-        t_token = self._dense(self.width, ("mlp", "embed"), ("embed",), "time_embed_fc2")(
-            nn.silu(h))
+        Causal attention makes the [text..., z_t] positions independent of the timestep and the
+        noised z_i that follow, so sampling encodes them once and runs only the last three
+        positions at each diffusion step (`denoise`). Returns {"kv": per-layer (keys, values),
+        each [depth, B, L + 1, heads, head_dim]; "mask": bool [B, L + 1]}.
+        """
+        self._check_inputs(z_t, jnp.zeros((z_t.shape[0],), jnp.int32), z_t, text_hidden, text_mask,
+                           drop_text)
+        prefix, mask = self._prefix(z_t, text_hidden, text_mask, drop_text)
+        _, kv = self.transformer(prefix, mask, return_kv=True)
+        return {"kv": kv, "mask": mask}
 
-        null_text_token = self._learned_token("null_text_token")
-        null_z_t = self._learned_token("null_z_t")
-        if drop_text is not None:
-            drop = drop_text.astype(bool)
-            first = jnp.arange(length) == 0
-            null_text = jnp.where(first[:, None], null_text_token[None], 0).astype(self.dtype)
-            text = jnp.where(drop[:, None, None], null_text[None], text)
-            text_mask = jnp.where(drop[:, None], first[None], text_mask)
-            z_t_token = jnp.where(drop[:, None], null_z_t[None], z_t_token)
-
-        query = jnp.broadcast_to(self._learned_token("query")[None], (batch, self.width))
-        extra = jnp.stack([z_t_token, t_token, z_i_token, query], axis=1).astype(self.dtype)
-        x = jnp.concatenate([text.astype(self.dtype), extra], axis=1)
-        position_embedding = self.param(
-            "position_embedding", _partitioned(nn.initializers.normal(0.01), (None, "embed")),
-            (self.sequence_length, self.width), self.param_dtype)
-        x = x + jnp.asarray(position_embedding, self.dtype)[None]
-        x = nn.with_logical_constraint(x, act_seq)
-        key_padding_mask = jnp.concatenate(
-            [text_mask, jnp.ones((batch, NUM_EXTRA_TOKENS), bool)], axis=1)
-
-        x = Transformer(depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                        activation=self.activation, causal=True, dtype=self.dtype,
-                        param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                        remat_policy=self.remat_policy,
-                        attention_implementation=self.attention_implementation,
-                        name="transformer")(x, key_padding_mask)
-        x = LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")(x)
-        if return_sequence:
-            return x
-        out = self._dense(self.embed_dim, ("embed", None), (None,), "out_proj",
-                          dtype=jnp.float32)(x[:, -1])
-        return nn.with_logical_constraint(out, ("act_batch", None))
+    def denoise(self, prefix: Mapping[str, Any], z_i_t: Array, t: Array) -> Array:
+        """`__call__` given the `encode_prefix` of the same caption: z_i_0_pred float32 [B, D]."""
+        mask = jnp.concatenate([prefix["mask"], jnp.ones((z_i_t.shape[0], 3), bool)], axis=1)
+        return self._output(self.transformer(self._suffix(z_i_t, t), mask, prefix["kv"]))
 
 
 def _as_dtype(value: Any) -> Any:
@@ -216,7 +247,7 @@ def _as_dtype(value: Any) -> Any:
 
 
 _REQUIRED = ("width", "depth", "num_heads")
-_OPTIONAL = ("mlp_ratio", "activation", "dropout", "scan_layers", "remat_policy",
+_OPTIONAL = ("head_dim", "mlp_ratio", "activation", "dropout", "scan_layers", "remat_policy",
              "attention_implementation", "num_timesteps")
 
 
@@ -224,7 +255,7 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
                       text_length: int) -> DiffusionPrior:
     """Builds a `DiffusionPrior` from a config block whose fields share the module's names.
 
-    Required: width, depth, num_heads. Optional (module defaults otherwise): mlp_ratio, activation,
+    Required: width, depth, num_heads. Optional (module defaults otherwise): head_dim (0 = width // num_heads), mlp_ratio, activation,
     dropout, dtype/param_dtype (names like "bfloat16" or dtypes), scan_layers, remat_policy,
     attention_implementation, num_timesteps. Other fields are ignored. The CLIP-dependent sizes
     come from the keyword arguments (they describe the cached embeddings, not the prior).
@@ -239,5 +270,7 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     for name in ("dtype", "param_dtype"):
         if name in cfg and cfg[name] is not None:
             kwargs[name] = _as_dtype(cfg[name])
+    if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
+        kwargs["head_dim"] = None
     return DiffusionPrior(embed_dim=int(embed_dim), text_width=int(text_width),
                           text_length=int(text_length), **kwargs)

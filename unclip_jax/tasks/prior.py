@@ -69,16 +69,30 @@ class PriorTask(Task):
             raise FileNotFoundError(
                 f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
                 "with python train.py --config configs/shapes.py:clip --workdir <dir>")
-        self.tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
+        tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
         self.cache_dir = cache_dir_of(config)
         meta = embedding_cache.read_metadata(self.cache_dir, "train")
-        self.embed_dim = int(meta["embed_dim"])
-        self.text_length = int(meta["context_length"])
-        self.text_width = int(meta["text_width"])
-        diff = config.diffusion
-        self.scale = float(diff.embedding_scale) if diff.embedding_scale else math.sqrt(self.embed_dim)
-        self.model = prior_lib.prior_from_config(config.model, embed_dim=self.embed_dim,
-                                                 text_width=self.text_width, text_length=self.text_length)
+        self._build(embed_dim=int(meta["embed_dim"]), text_length=int(meta["context_length"]),
+                    text_width=int(meta["text_width"]), eot_token_id=tokenizer.eot_token_id)
+
+    @classmethod
+    def from_dims(cls, config: ml_collections.ConfigDict, workdir: str, *, embed_dim: int,
+                  text_length: int, text_width: int, eot_token_id: int) -> "PriorTask":
+        """A task with given CLIP sizes and no CLIP or cache behind it (benchmarks; it cannot train)."""
+        task = cls.__new__(cls)
+        Task.__init__(task, config, workdir)
+        task.cache_dir = None
+        task._build(embed_dim=embed_dim, text_length=text_length, text_width=text_width,
+                    eot_token_id=eot_token_id)
+        return task
+
+    def _build(self, *, embed_dim: int, text_length: int, text_width: int, eot_token_id: int):
+        config, diff = self.config, self.config.diffusion
+        self.embed_dim, self.text_length, self.text_width = embed_dim, text_length, text_width
+        self.eot_token_id = eot_token_id
+        self.scale = float(diff.embedding_scale) if diff.embedding_scale else math.sqrt(embed_dim)
+        self.model = prior_lib.prior_from_config(config.model, embed_dim=embed_dim,
+                                                 text_width=text_width, text_length=text_length)
         self.schedule = Schedule.named(diff.schedule, int(diff.num_timesteps))
         self.sample_schedule = self.schedule.respace(diff.sample_steps)
         self._samplers = {}
@@ -99,7 +113,7 @@ class PriorTask(Task):
         x_t = gaussian.q_sample(self.schedule, z_i, t, noise)
         drop = jax.random.bernoulli(drop_rng, self.config.diffusion.text_drop_prob, (b,))
         pred = self.model.apply({"params": params}, x_t, t, z_t, batch["text_hidden"].astype(jnp.float32),
-                                text_mask(batch["tokens"], self.tokenizer.eot_token_id), drop)
+                                text_mask(batch["tokens"], self.eot_token_id), drop)
         loss = jnp.mean(jnp.square(pred - z_i))
         cos = jnp.sum(pred * z_i, -1) / (jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(z_i, axis=-1) + 1e-6)
         return loss, {"cosine_to_target": cos.mean()}
@@ -121,23 +135,26 @@ class PriorTask(Task):
         key = (mesh, float(guidance_scale), int(best_of), sampler)
         if key in self._samplers:
             return self._samplers[key]
-        eot = self.tokenizer.eot_token_id
+        eot = self.eot_token_id
 
         def sample(params, z_t, text_hidden, tokens, rng):
             b = z_t.shape[0]
             rep = lambda x: jnp.repeat(x, best_of, axis=0)  # noqa: E731  [B*k, ...], k per caption.
             z_t_s, hidden, mask = rep(z_t * self.scale), rep(text_hidden.astype(jnp.float32)), rep(text_mask(tokens, eot))
             n = b * best_of
+            apply = lambda method, *args: self.model.apply({"params": params}, *args, method=method)  # noqa: E731
+            # The caption's positions are encoded once (a KV cache): each step runs 3 positions.
             if guidance_scale == 1:
+                prefix = apply(self.model.encode_prefix, z_t_s, hidden, mask)
+
                 def model_fn(x, t):
-                    return self.model.apply({"params": params}, x, t, z_t_s, hidden, mask)
+                    return apply(self.model.denoise, prefix, x, t)
             else:
                 two = lambda x: jnp.concatenate([x, x], axis=0)  # noqa: E731
                 drop = jnp.concatenate([jnp.zeros((n,), bool), jnp.ones((n,), bool)])
-
-                def cond_uncond(x, t):
-                    return self.model.apply({"params": params}, x, t, two(z_t_s), two(hidden), two(mask), drop)
-                model_fn = samplers.guided(cond_uncond, guidance_scale)
+                prefix = apply(self.model.encode_prefix, two(z_t_s), two(hidden), two(mask), drop)
+                model_fn = samplers.guided(lambda x, t: apply(self.model.denoise, prefix, x, t),
+                                           guidance_scale)
             x0 = samplers.sample(sampler, model_fn, self.sample_schedule, (n, self.embed_dim), rng,
                                  param="x0", clip_x0=None)
             z = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)

@@ -1,0 +1,55 @@
+"""Shared pieces of the benchmark scripts (each prints one JSON object)."""
+import os
+import platform
+import time
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax import parallel
+from unclip_jax.train import loop, state as state_lib
+
+
+def machine_info() -> dict:
+    return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "machine": platform.machine()}
+
+
+def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> dict:
+    """Compiles the real train step (AOT) and times it.
+
+    Must run under `jax.set_mesh(mesh)` and the logical-axis rules. `batch` is a global device batch
+    fed again and again; with `next_batch` (a callable returning a new device batch) a second
+    timing includes the input pipeline. Returns compile seconds, examples/s and the parameter count.
+    """
+    rules = parallel.rules_from_config(config.mesh.rules)
+    tx = state_lib.make_optimizer(config.train)
+    state, abstract = loop.init_state(task, tx, jax.random.key(0), mesh, rules)
+    shardings = loop.state_shardings(abstract)
+    replicated = NamedSharding(mesh, P())
+    step_fn = jax.jit(loop.make_train_step(task, tx, config),
+                      in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
+                      out_shardings=(shardings, replicated), donate_argnums=(0,))
+    rng = jax.random.key(1)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(abstract, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    batch_size = int(config.train.batch_size)
+
+    state, m = compiled(state, batch, rng)  # Warm-up.
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, batch, rng)
+    jax.block_until_ready(m)
+    out = {"params": loop.count_params(abstract.params), "compile_seconds": round(compile_s, 2),
+           "train_step_gflops_per_example": round(flops / batch_size / 1e9, 3),
+           "examples_per_sec_step_only": round(steps * batch_size / (time.perf_counter() - t0), 1)}
+    if next_batch is not None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, next_batch(), rng)
+        jax.block_until_ready(m)
+        out["examples_per_sec_with_input_pipeline"] = round(steps * batch_size / (time.perf_counter() - t0), 1)
+    return out

@@ -1,0 +1,95 @@
+"""The diffusion prior at a fixed size: training samples/s, compile time, sampling seconds.
+
+  python benchmarks/prior.py [--steps 20]
+
+Fixed config (the size the PyTorch reference figures in the issue were measured at): width 256,
+depth 6, 8 heads of 64 (attention inner width 512), CLIP embedding 256, 77 text tokens of width
+256, batch 32, AdamW. Sampling: 8 captions, 64 strided DDPM steps, classifier-free guidance 3.0
+(conditional and unconditional halves in one batch) and best-of-2, so 32 rows per model call.
+The data is random (throughput does not depend on it). Prints one JSON object.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from configs import shapes  # noqa: E402
+from unclip_jax import parallel  # noqa: E402
+from unclip_jax.tasks import prior as prior_task  # noqa: E402
+from unclip_jax.train import loop  # noqa: E402
+
+flags.DEFINE_integer("steps", 20, "Timed training steps (after one warm-up step).")
+flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls (after one compiling call).")
+flags.DEFINE_string("remat_policy", "nothing_saveable", "Per-block remat policy.")
+flags.DEFINE_bool("scan_layers", True, "Scan over the transformer blocks.")
+flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
+FLAGS = flags.FLAGS
+
+D, L, W, BATCH, NUM_SAMPLES = 256, 77, 256, 32, 8
+
+
+def fixed_config():
+    config = shapes.get_config("prior")
+    with config.unlocked():
+        config.model.width, config.model.depth = 256, 6
+        config.model.num_heads, config.model.head_dim = 8, 64
+        config.model.scan_layers, config.model.remat_policy = FLAGS.scan_layers, FLAGS.remat_policy
+        config.model.dtype = FLAGS.dtype
+        config.train.batch_size = BATCH
+        config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    return config
+
+
+def random_records(n, rng):
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    tokens = rng.integers(1, 1000, size=(n, L)).astype(np.int32)
+    lengths = rng.integers(5, L, size=n)
+    tokens[np.arange(L)[None] >= lengths[:, None]] = 1023  # EOT then padding with EOT.
+    return {"z_i": unit(rng.normal(size=(n, D))).astype(np.float32),
+            "z_t": unit(rng.normal(size=(n, D))).astype(np.float32),
+            "text_hidden": rng.normal(size=(n, L, W)).astype(np.float32), "tokens": tokens}
+
+
+def main(_):
+    config = fixed_config()
+    task = prior_task.PriorTask.from_dims(config, tempfile.mkdtemp(prefix="bench_prior_"), embed_dim=D,
+                                          text_length=L, text_width=W, eot_token_id=1023)
+    mesh = parallel.mesh_from_config(config.mesh)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
+        batch = parallel.global_batch_from_local(random_records(BATCH, rng), mesh)
+        timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
+        params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(0))
+        records = random_records(NUM_SAMPLES, rng)
+        sample = lambda seed: task.sample_z_i(params, mesh, records, jax.random.key(seed),  # noqa: E731
+                                              guidance_scale=3.0, best_of=2)
+        t0 = time.perf_counter()
+        sample(0)
+        first = time.perf_counter() - t0
+        times = []
+        for i in range(FLAGS.sample_repeats):
+            t0 = time.perf_counter()
+            sample(i + 1)
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({
+        "benchmark": "prior", "width": 256, "depth": 6, "heads": 8, "head_dim": 64, "embed_dim": D,
+        "text_tokens": L, "batch_size": BATCH, "scan_layers": FLAGS.scan_layers,
+        "remat_policy": FLAGS.remat_policy, "activation_dtype": FLAGS.dtype, **timings,
+        "train_samples_per_sec": timings["examples_per_sec_step_only"],
+        "sampling": {"captions": NUM_SAMPLES, "steps": 64, "guidance_scale": 3.0, "best_of": 2,
+                     "seconds_first_call_with_compile": round(first, 2),
+                     "seconds": round(float(np.median(times)), 3)},
+        **common.machine_info()}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
