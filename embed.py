@@ -6,10 +6,11 @@
 Re-running the same command resumes an interrupted cache (complete chunks are kept). A cache built
 from another CLIP (or step, or size) is never overwritten: pick another --cache_dir.
 """
-import logging as std_logging
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from unclip_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("clip_workdir", None, "Workdir of a trained CLIP (python train.py --config ...:clip).")
@@ -22,27 +23,15 @@ flags.DEFINE_integer("chunk_size", 1024, "Examples per chunk file (the unit of r
 flags.DEFINE_enum("text_hidden_dtype", "float16", ["float16", "float32"],
                   "Storage dtype of the text tower's hidden states.")
 flags.DEFINE_integer("step", None, "CLIP checkpoint step (default: the latest).")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host: Cloud TPU, Slurm, Kubernetes).")
 flags.mark_flags_as_required(["clip_workdir", "cache_dir"])
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax and TFDS (warnings and errors still show)."""
-
-    def filter(self, record):
-        noisy = ("orbax", "tensorflow_datasets", "grain")
-        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.start()
     import jax
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
     from unclip_jax.data import embedding_cache
     from unclip_jax.tasks import embed
 

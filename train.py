@@ -5,35 +5,23 @@
 Re-running the same command resumes from the workdir's latest checkpoint; a finished stage only
 re-evaluates.
 """
-import logging as std_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unclip_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py:clip", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (multi-host: Cloud TPU, Slurm, Kubernetes).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax and TFDS (warnings and errors still show)."""
-
-    def filter(self, record):
-        noisy = ("orbax", "tensorflow_datasets", "grain")
-        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.start()
     import jax
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
     from unclip_jax.train import loop
 
     if jax.process_count() > 1:

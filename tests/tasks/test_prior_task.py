@@ -1,5 +1,4 @@
 """The prior task: loss on the cache, sharding invariance, guidance, best-of-k, evaluation."""
-import json
 import os
 
 import jax
@@ -14,6 +13,7 @@ from unclip_jax.diffusion import samplers
 from unclip_jax.tasks import embed
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.train import loop
+from unclip_jax.train import metrics as metrics_lib
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,9 @@ def prior_config(clip_with_cache, **train):
 
 
 def losses(workdir):
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.jsonl")):
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
+    """Per-step train loss (after a resume, the last record of a step wins)."""
+    records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def test_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):

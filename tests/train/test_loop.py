@@ -1,5 +1,4 @@
 """The generic training loop: sharding invariance, kill-and-resume, the NaN guard, accumulation."""
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing, loop
+from unclip_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,14 +30,9 @@ def tiny_config(**train):
 
 
 def losses(workdir):
-    """Per-step train loss from metrics.jsonl (the last record of a step wins, as after a resume)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "train/loss" in rec:
-                out[rec["step"]] = rec["train/loss"]
-    return out
+    """Per-step train loss (after a resume, the last record of a step wins)."""
+    records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def test_sharded_matches_single_device(tmp_path):
