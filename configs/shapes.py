@@ -1,7 +1,7 @@
 """The embedded default: the unCLIP stack on procedurally rendered captioned shapes, sized for a CPU.
 
 Usage: `python train.py --config configs/shapes.py:clip --workdir runs/shapes_clip`
-Variants (the part after `:`): `clip` (default). Later stages add `prior`, `decoder`, `upsampler`.
+Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`.
 Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs.
 Any field can be overridden on the command line: `--config.train.num_steps=100`.
 """
@@ -12,7 +12,7 @@ import ml_collections
 from unclip_jax import parallel
 
 
-VARIANTS = ("clip", "prior")
+VARIANTS = ("clip", "prior", "decoder", "upsampler")
 
 
 def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
@@ -170,9 +170,112 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     return c
 
 
+def diffusion_config(*, learned_variance: bool, sampler: str, sample_steps: int,
+                     guidance_scale: float) -> ml_collections.ConfigDict:
+    """Noise schedule, parameterisation, variance and sampling of an image diffusion stage."""
+    d = ml_collections.ConfigDict()
+    d.schedule = "cosine"  # Noise schedule: cosine | linear (paper: cosine; linear for 256->1024).
+    d.num_timesteps = 1000  # Training diffusion steps.
+    d.param = "eps"  # What the UNet predicts: eps | x0 | v.
+    d.learned_variance = learned_variance  # Learned sigma with the hybrid loss (paper), or fixed variance.
+    d.sampler = sampler  # ddpm | ddim | dpm++2m.
+    d.sample_steps = sample_steps  # Strided sampling steps (int, "ddimK" or "10,10,3,2,2").
+    d.eta = 0.0  # DDIM stochasticity.
+    d.guidance_scale = guidance_scale  # Classifier-free guidance (1 = none).
+    return d
+
+
+def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple, image_size: int,
+                tiny: bool) -> ml_collections.ConfigDict:
+    """The ADM UNet block (unclip_jax/models/unet.py field names)."""
+    m = ml_collections.ConfigDict()
+    m.image_size = image_size  # Training resolution in pixels (attention resolutions refer to it).
+    m.base_channels = base  # Channels at the first level (ADM model_channels).
+    m.channel_mult = mult  # Channel multiplier per level.
+    m.num_res_blocks = res_blocks  # Residual blocks per level.
+    m.attention_resolutions = attention  # Resolutions (px) with self + context attention.
+    m.head_channels = 32  # Channels per attention head.
+    m.num_groups = 32  # GroupNorm groups (capped to divide the channels).
+    m.dropout = 0.0  # Dropout in residual blocks (paper: 0.1).
+    m.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
+    m.remat = False  # Rematerialise each block in the backward pass.
+    m.num_timesteps = 1000  # Timestep embedding scale (1000-step model).
+    if tiny:
+        m.head_channels, m.num_groups = 8, 8
+    return m
+
+
+def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
+    """The decoder: CLIP image embedding z_i (+ caption) -> 32 px image, classifier-free guidance."""
+    c = ml_collections.ConfigDict()
+    c.stage = "decoder"  # Which task trains (unclip_jax/tasks/<stage>.py).
+    c.seed = 0  # Model init and training RNG seed.
+    c.clip_workdir = "runs/shapes_clip"  # The frozen CLIP: tokenizer, data set and embedding cache.
+    c.cache_dir = ""  # CLIP embedding cache (embed.py); "" = <clip_workdir>/cache.
+    c.data = ml_collections.ConfigDict()
+    c.data.shuffle_seed = 0  # Seed of the (per-epoch) shuffle of the training stream.
+    c.data.num_threads = 4  # Grain threads decoding images.
+    # Not yet tuned to the judge bar: sized to train at a few dozen images/s on the 2-core CPU.
+    c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 2),
+                          res_blocks=1, attention=(8,), image_size=16 if tiny else 32, tiny=tiny)
+    c.model.clip_tokens = 4  # Extra context tokens projected from z_i (paper: 4).
+    c.model.text_width = 32 if tiny else 64  # The decoder's own caption transformer (GLIDE's pathway).
+    c.model.text_depth = 1 if tiny else 2  # Its blocks (0 disables the text pathway).
+    c.model.text_heads = 2  # Its heads.
+    c.diffusion = diffusion_config(learned_variance=True, sampler="ddim", sample_steps=8 if tiny else 50,
+                                   guidance_scale=3.0)
+    c.diffusion.z_i_drop_prob = 0.1  # z_i replaced by its learned null (paper §2.1: 10%; §5.1 says 5%).
+    c.diffusion.text_drop_prob = 0.5  # Caption dropped (paper: 50%).
+    c.train = train_config(
+        batch_size=16 if tiny else 64, num_steps=10 if tiny else 4_000, learning_rate=3e-4,
+        warmup_steps=2 if tiny else 200, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,
+        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.splits = ("validation",)  # Splits whose true z_i are decoded and judged.
+    c.eval.num_examples = 16 if tiny else 200  # Images per split.
+    c.eval.batch_size = 16 if tiny else 100  # Decoding batch.
+    c.eval.seed = 0  # Sampling seed.
+    c.eval.use_ema = True  # Evaluate the EMA params.
+    c.mesh = mesh_config()
+    return c
+
+
+def upsampler_config(tiny: bool) -> ml_collections.ConfigDict:
+    """The first upsampler on shapes: 32 -> 128 px, conv-only, blurred low-res conditioning."""
+    c = ml_collections.ConfigDict()
+    c.stage = "upsampler"  # Which task trains (unclip_jax/tasks/<stage>.py).
+    c.seed = 0  # Model init and training RNG seed.
+    c.data = data_config(side=64 if tiny else 128)  # Tiny: 16 -> 64 (the judge needs >= 16 px).
+    c.data.scale = 4  # Upsampling factor.
+    c.data.crop_size = 16 if tiny else 32  # Training crops of the high-res image (paper: a quarter of the side).
+    c.data.corruption = "blur"  # Low-res corruption: blur (64->256) | bsr (256->1024) | none.
+    c.data.crop_seed = 0  # Seed of the per-example crops and corruptions.
+    if tiny:
+        c.data.source = "procedural"
+        c.data.num_train, c.data.num_eval = 256, 4
+    c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 4),
+                          res_blocks=1 if tiny else 2, attention=(), image_size=c.data.crop_size, tiny=tiny)
+    c.diffusion = diffusion_config(learned_variance=False, sampler="ddim", sample_steps=5 if tiny else 27,
+                                   guidance_scale=1.0)
+    c.train = train_config(
+        batch_size=16 if tiny else 64, num_steps=10 if tiny else 3_000, learning_rate=3e-4,
+        warmup_steps=2 if tiny else 200, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,
+        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.splits = ("validation",)  # Splits upsampled at full size and judged.
+    c.eval.num_examples = 4 if tiny else 100  # Images per split.
+    c.eval.batch_size = 8 if tiny else 50  # Upsampling batch.
+    c.eval.seed = 0  # Sampling seed.
+    c.eval.use_ema = True  # Evaluate the EMA params.
+    c.mesh = mesh_config()
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _parse_arg(arg)
     tiny = "tiny" in options
-    config = clip_config(tiny) if variant == "clip" else prior_config(tiny)
+    builders = {"clip": clip_config, "prior": prior_config, "decoder": decoder_config,
+                "upsampler": upsampler_config}
+    config = builders[variant](tiny)
     config.lock()
     return config

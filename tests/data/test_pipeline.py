@@ -76,3 +76,19 @@ def test_shapes_tfds_source_decodes_to_the_renderer_output(tmp_path):
     np.testing.assert_array_equal(image, expected["image"])
     # Resized on the way when the model wants another side.
     assert pipeline_lib.decode_example(source[5], side=16)[0].shape == (16, 16, 3)
+
+
+def test_stream_positions_seed_per_example_randomness_reproducibly():
+    def with_position(position, example):
+        return {"index": example["index"], "position": np.int64(position)}
+
+    make_indexed = lambda: pipeline_lib.make_pipeline(  # noqa: E731
+        index_source(), with_position, local_batch_size=8, shuffle_seed=0, num_threads=2, with_index=True)
+    pipe = make_indexed()
+    positions = [next(pipe)["position"].tolist() for _ in range(10)]
+    assert sum(positions, []) == list(range(80))  # Positions run on across epochs.
+    state = pipe.get_state()
+    expected = next(pipe)["position"].tolist()
+    fresh = make_indexed()
+    fresh.set_state(state)
+    assert next(fresh)["position"].tolist() == expected

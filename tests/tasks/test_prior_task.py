@@ -10,7 +10,6 @@ from configs import shapes as shapes_config
 from tests.train import tiny_clip
 from unclip_jax import parallel
 from unclip_jax.diffusion import samplers
-from unclip_jax.tasks import embed
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.train import loop
 from unclip_jax.train import metrics as metrics_lib
@@ -19,10 +18,7 @@ from unclip_jax.train import metrics as metrics_lib
 @pytest.fixture(scope="module")
 def clip_with_cache(tmp_path_factory):
     """A tiny trained CLIP and its embedding cache (train, validation, heldout; 64 examples each)."""
-    workdir = tiny_clip.trained_tiny_clip(tmp_path_factory)
-    cache = str(tmp_path_factory.mktemp("prior_cache"))
-    embed.build_clip_cache(workdir, cache, num_examples=64, batch_size=32, chunk_size=32)
-    return workdir, cache
+    return tiny_clip.tiny_clip_with_cache(tmp_path_factory)
 
 
 def prior_config(clip_with_cache, **train):

@@ -27,3 +27,15 @@ def trained_tiny_clip(tmp_path_factory) -> str:
         assert result["step"] == 2 and os.path.exists(os.path.join(workdir, "config.json"))
         _WORKDIRS["clip"] = workdir
     return _WORKDIRS["clip"]
+
+
+def tiny_clip_with_cache(tmp_path_factory) -> tuple[str, str]:
+    """The tiny CLIP's workdir and its embedding cache (64 examples per split), built once per session."""
+    if "cache" not in _WORKDIRS:
+        from unclip_jax.tasks import embed
+
+        workdir = trained_tiny_clip(tmp_path_factory)
+        cache = str(tmp_path_factory.mktemp("tiny_clip_cache"))
+        embed.build_clip_cache(workdir, cache, num_examples=64, batch_size=32, chunk_size=32)
+        _WORKDIRS["cache"] = cache
+    return _WORKDIRS["clip"], _WORKDIRS["cache"]

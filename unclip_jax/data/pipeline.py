@@ -87,8 +87,14 @@ def make_pipeline(
     process_count: int = 1,
     num_threads: int = 4,
     repeat: bool = True,
+    with_index: bool = False,
 ) -> Pipeline:
-    """Builds this process's training stream: slice, shuffle every epoch, map, batch (drop remainder)."""
+    """Builds this process's training stream: slice, shuffle every epoch, map, batch (drop remainder).
+
+    With `with_index`, `map_fn(position, example)` also gets the example's position in this
+    process's stream (0, 1, 2, ... across epochs): a deterministic seed for per-example randomness
+    (random crops, corruptions) that a resumed run reproduces exactly.
+    """
     ds = grain.MapDataset.source(source)
     if len(ds) < process_count * local_batch_size:
         raise ValueError(
@@ -98,7 +104,8 @@ def make_pipeline(
     ds = ds.shuffle(seed=shuffle_seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(map_fn).batch(local_batch_size, drop_remainder=True)
+    ds = ds.map_with_index(map_fn) if with_index else ds.map(map_fn)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * local_batch_size)
     return Pipeline(ds.to_iter_dataset(read))
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -144,3 +145,44 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
 
         multihost_utils.sync_global_devices("build_clip_cache")  # Every chunk is written.
     return summaries
+
+
+@dataclasses.dataclass
+class CachedClip:
+    """What a stage trained on the embedding cache needs from its frozen CLIP (no params)."""
+
+    clip_workdir: str
+    clip_config: Any
+    tokenizer: Any
+    cache_dir: str
+    metadata: dict
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.metadata["embed_dim"])
+
+    @property
+    def text_length(self) -> int:
+        return int(self.metadata["context_length"])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.metadata["text_width"])
+
+
+def cached_clip(config) -> CachedClip:
+    """Reads `config.clip_workdir` (config + tokenizer) and `config.cache_dir` ("" = <clip_workdir>/cache).
+
+    Clear errors: a workdir with no trained CLIP, or a missing cache (naming the command to build it).
+    """
+    clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
+    clip_config = checkpointing.load_config(clip_workdir)
+    if clip_config is None:
+        raise FileNotFoundError(
+            f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
+            "with python train.py --config configs/shapes.py:clip --workdir <dir>")
+    cache_dir = (os.path.abspath(os.path.expanduser(config.cache_dir)) if config.cache_dir
+                 else os.path.join(clip_workdir, "cache"))
+    tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
+    return CachedClip(clip_workdir, clip_config, tokenizer, cache_dir,
+                      embedding_cache.read_metadata(cache_dir, "train"))

@@ -13,7 +13,6 @@ paper's best-of-2: two z_i per caption, keeping the one with the higher dot prod
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -30,8 +29,8 @@ from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.tasks import clip as clip_task
+from unclip_jax.tasks import embed
 from unclip_jax.tasks.base import Task
-from unclip_jax.train import checkpointing
 
 CACHE_FIELDS = ("z_i", "z_t", "text_hidden", "tokens")
 
@@ -52,28 +51,15 @@ def best_of_k(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
     return jnp.take_along_axis(z_i, jnp.argmax(scores, axis=1)[:, None, None], axis=1)[:, 0]
 
 
-def cache_dir_of(config: ml_collections.ConfigDict) -> str:
-    clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
-    return os.path.abspath(os.path.expanduser(config.cache_dir)) if config.cache_dir else \
-        os.path.join(clip_workdir, "cache")
-
-
 class PriorTask(Task):
     """Trains the diffusion prior; evaluates sampled z_i against the true image embeddings."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         super().__init__(config, workdir)
-        clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
-        clip_config = checkpointing.load_config(clip_workdir)
-        if clip_config is None:
-            raise FileNotFoundError(
-                f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
-                "with python train.py --config configs/shapes.py:clip --workdir <dir>")
-        tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
-        self.cache_dir = cache_dir_of(config)
-        meta = embedding_cache.read_metadata(self.cache_dir, "train")
-        self._build(embed_dim=int(meta["embed_dim"]), text_length=int(meta["context_length"]),
-                    text_width=int(meta["text_width"]), eot_token_id=tokenizer.eot_token_id)
+        clip = embed.cached_clip(config)
+        self.cache_dir = clip.cache_dir
+        self._build(embed_dim=clip.embed_dim, text_length=clip.text_length, text_width=clip.text_width,
+                    eot_token_id=clip.tokenizer.eot_token_id)
 
     @classmethod
     def from_dims(cls, config: ml_collections.ConfigDict, workdir: str, *, embed_dim: int,

@@ -1,0 +1,294 @@
+"""Tests of the ADM / GLIDE UNet (unclip_jax.models.unet): decoder and upsampler roles.
+
+A freshly initialised UNet outputs exactly 0 (zero-initialised output convolution), so the tests
+of what the output depends on use random params of the right shapes (`_random_params`, filled on
+the host from `eval_shape`: no compiled init). The one compiled init is the sharded one, with an
+"rbg" key: threefry initialisers take long to compile on a small CPU.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from unclip_jax import parallel
+from unclip_jax.models.unet import UNet, count_params, norm_groups, unet_from_config
+
+B, D, VOCAB, L = 4, 8, 50, 6
+DECODER = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+               image_size=32, head_channels=8, clip_dim=D, clip_tokens=4, text_vocab_size=VOCAB,
+               text_length=L, text_width=16, text_depth=1, text_heads=2, learned_variance=True)
+UPSAMPLER = dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
+                 low_res_conditioning=True, image_size=32)
+NO = jnp.zeros((B,), bool)
+
+
+def _decoder_inputs(size=32, seed=0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    x_t = jax.random.normal(k[0], (B, size, size, 3))
+    t = jnp.array([0, 250, 500, 999])
+    z_i = jax.random.normal(k[1], (B, D))
+    tokens = jax.random.randint(k[2], (B, L), 1, VOCAB)
+    mask = jnp.arange(L)[None] < jnp.array([3, 6, 1, 4])[:, None]
+    return x_t, t, dict(z_i=z_i, text_tokens=tokens, text_mask=mask)
+
+
+def _upsampler_inputs(size=32, low=8, seed=1):
+    k = jax.random.split(jax.random.key(seed), 2)
+    return (jax.random.normal(k[0], (B, size, size, 3)), jnp.array([0, 250, 500, 999]),
+            jnp.tanh(jax.random.normal(k[1], (B, low, low, 3))))
+
+
+def _random_params(model, *args, seed=0, **kwargs):
+    """Non-zero params of `model`'s shapes (kernels ~ N(0, 1/fan_in), norms' scale ~ 1)."""
+    abstract = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        std = 1.0 / np.sqrt(np.prod(x.shape[:-1])) if len(x.shape) > 1 else 0.1
+        value = rng.normal(size=x.shape) * std + (1.0 if path[-1].key == "scale" else 0.0)
+        return jnp.asarray(value, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """(model, random params, jitted apply taking every conditioning input)."""
+    model = UNet(**DECODER)
+    x_t, t, cond = _decoder_inputs()
+    params = _random_params(model, x_t, t, **cond)
+
+    @jax.jit
+    def jitted(params, x_t, t, cond, drop_z_i, drop_text):
+        return model.apply(params, x_t, t, **cond, drop_z_i=drop_z_i, drop_text=drop_text)
+
+    def apply(params, x_t, t, cond, drop_z_i=NO, drop_text=NO):  # one trace for every drop pattern
+        return jitted(params, x_t, t, cond, drop_z_i, drop_text)
+
+    return model, params, apply
+
+
+@pytest.fixture(scope="module")
+def upsampler():
+    model = UNet(**UPSAMPLER)
+    x_t, t, low = _upsampler_inputs()
+    params = _random_params(model, x_t, t, low_res=low, seed=1)
+    return model, params, jax.jit(lambda p, x, t, low: model.apply(p, x, t, low_res=low))
+
+
+def test_decoder_output_shapes_at_several_resolutions(decoder):
+    model, params, apply = decoder
+    assert model.out_channels == 6  # learned_variance: mean + variance channels
+    for size in (32, 64):
+        x_t, t, cond = _decoder_inputs(size)
+        out = apply(params, x_t, t, cond)
+        assert out.shape == (B, size, size, 6) and out.dtype == jnp.float32
+        assert np.all(np.isfinite(out)) and float(jnp.abs(out).max()) > 0
+    plain = UNet(**{**DECODER, "learned_variance": False})
+    x_t, t, cond = _decoder_inputs()
+    plain_params = jax.eval_shape(plain.init, jax.random.key(0), x_t, t, **cond)
+    assert jax.eval_shape(plain.apply, plain_params, x_t, t, **cond).shape == (B, 32, 32, 3)
+
+
+def test_upsampler_is_fully_convolutional(upsampler):
+    model, params, apply = upsampler
+    assert not any("attn" in k for k in params["params"])
+    for size, low in ((32, 8), (64, 16), (48, 12)):
+        x_t, t, low_res = _upsampler_inputs(size, low)
+        out = apply(params, x_t, t, low_res)
+        assert out.shape == (B, size, size, 3) and out.dtype == jnp.float32
+        assert np.all(np.isfinite(out))
+
+
+def test_upsampler_output_depends_on_low_res(upsampler):
+    _, params, apply = upsampler
+    x_t, t, low_res = _upsampler_inputs()
+    base = apply(params, x_t, t, low_res)
+    moved = apply(params, x_t, t, low_res.at[1].multiply(-1.0))
+    change = np.abs(np.asarray(moved - base)).max(axis=(1, 2, 3))
+    assert change[1] > 1e-3 and np.all(change[[0, 2, 3]] == 0)  # rows are independent
+
+
+def test_z_i_conditioning_is_used_and_dropped(decoder):
+    _, params, apply = decoder
+    x_t, t, cond = _decoder_inputs()
+    other = {**cond, "z_i": cond["z_i"] + 1.0}
+    assert np.all(np.abs(apply(params, x_t, t, other) - apply(params, x_t, t, cond)).max(
+        axis=(1, 2, 3)) > 1e-3)
+    drop = jnp.ones((B,), bool)
+    np.testing.assert_array_equal(apply(params, x_t, t, other, drop_z_i=drop),
+                                  apply(params, x_t, t, cond, drop_z_i=drop))
+
+
+def test_text_conditioning_is_used_and_dropped(decoder):
+    _, params, apply = decoder
+    x_t, t, cond = _decoder_inputs()
+    real = np.asarray(cond["text_mask"])
+    other = {**cond, "text_tokens": jnp.where(real, (cond["text_tokens"] + 7) % VOCAB,
+                                              cond["text_tokens"])}
+    base = apply(params, x_t, t, cond)
+    assert np.all(np.abs(apply(params, x_t, t, other) - base).max(axis=(1, 2, 3)) > 1e-3)
+    drop = jnp.ones((B,), bool)
+    np.testing.assert_array_equal(apply(params, x_t, t, other, drop_text=drop),
+                                  apply(params, x_t, t, cond, drop_text=drop))
+    # Tokens behind the mask (padding) change nothing.
+    padded = {**cond, "text_tokens": jnp.where(real, cond["text_tokens"], 3)}
+    np.testing.assert_allclose(apply(params, x_t, t, padded), base, atol=1e-5)
+    # Dropping both conditions is a proper (finite, t-dependent) model, per row.
+    both = apply(params, x_t, t, cond, drop_z_i=drop, drop_text=drop)
+    assert np.all(np.isfinite(both))
+    mixed = apply(params, x_t, t, cond, drop_text=jnp.array([True, False, True, False]))
+    np.testing.assert_array_equal(mixed[1::2], base[1::2])
+    assert np.all(np.abs(mixed[0::2] - base[0::2]).max(axis=(1, 2, 3)) > 1e-3)
+
+
+def test_bf16_activations_with_fp32_params_stay_close(decoder):
+    _, params, apply = decoder
+    model = UNet(**DECODER, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    x_t, t, cond = _decoder_inputs()
+    out = jax.jit(lambda p: model.apply(p, x_t, t, **cond))(params)
+    assert out.dtype == jnp.float32
+    reference = apply(params, x_t, t, cond)
+    np.testing.assert_allclose(out, reference, atol=0.05 * float(jnp.abs(reference).max()))
+
+
+def test_remat_gives_the_same_gradients(decoder):
+    _, params, _ = decoder
+    x_t, t, cond = _decoder_inputs()
+    drop = jnp.array([True, False, False, True])
+
+    def grads(remat):
+        model = UNet(**DECODER, remat=remat)
+        loss = lambda p: jnp.sum(jnp.square(model.apply(p, x_t, t, **cond, drop_z_i=drop)))
+        return jax.jit(jax.grad(loss))(params)
+
+    # Same math, different fusion: float32 round-off only. atol is scaled to the largest gradient:
+    # some leaves have a true gradient of 0 (a conv bias right before a per-channel GroupNorm),
+    # so they hold round-off alone.
+    with_remat, without = grads(True), grads(False)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(without))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+                 with_remat, without)
+
+
+def test_dropout_only_in_training(upsampler):
+    _, params, apply = upsampler
+    model = UNet(**UPSAMPLER, dropout=0.5)
+    x_t, t, low_res = _upsampler_inputs()
+
+    @jax.jit
+    def run(rng):
+        train = model.apply(params, x_t, t, low_res=low_res, train=True, rngs={"dropout": rng})
+        return train, model.apply(params, x_t, t, low_res=low_res)
+
+    (train_1, sample), (train_2, _) = run(jax.random.key(1)), run(jax.random.key(2))
+    assert float(jnp.abs(train_1 - train_2).max()) > 1e-3
+    np.testing.assert_allclose(sample, apply(params, x_t, t, low_res), atol=1e-5)
+
+
+def test_every_param_has_logical_names():
+    model = UNet(**DECODER)
+    x_t, t, cond = _decoder_inputs()
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x_t, t, **cond)
+    boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(b, nn.Partitioned) for b in boxes), "an unnamed param"
+    specs = nn.get_partition_spec(abstract)["params"]
+    for path, spec in jax.tree_util.tree_leaves_with_path(specs):
+        assert any(name is not None for name in spec) or path[-1].key == "null_z_i", (
+            jax.tree_util.keystr(path))
+    assert specs["input_conv"]["kernel"] == P(None, None, "conv_in", "conv_out")
+    assert specs["down_0_res_0"]["emb_proj"]["kernel"] == P(None, "conv_out")
+    assert specs["down_0_res_0"]["in_norm"]["scale"] == P("norm")
+    attn = specs["down_1_attn_0"]
+    assert attn["q_proj"]["kernel"] == P("embed", "heads", "kv")
+    assert attn["context_k_proj"]["kernel"] == P("embed", "heads", "kv")
+    assert attn["out_proj_kernel"] == P("heads", "kv", "embed")
+    assert specs["time_embed_fc1"]["kernel"] == P("embed", "mlp")
+    fc1 = specs["text_encoder"]["transformer"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert fc1 == P("layers", "embed", "mlp")
+    p = nn.meta.unbox(abstract)["params"]
+    assert p["down_1_attn_0"]["q_proj"]["kernel"].shape == (32, 4, 8)  # 32 ch / head_channels 8
+    assert p["down_1_attn_0"]["context_k_proj"]["kernel"].shape == (16, 4, 8)  # text_width 16
+    assert p["clip_tokens_proj"]["kernel"].shape == (D, 4 * 16)
+    assert "up_0_attn_0" not in p and "middle_attn" in p  # attention only at 16 px (level 1)
+
+
+def test_sharded_init_and_forward_match_unsharded(decoder):
+    model, params, apply = decoder
+    x_t, t, cond = _decoder_inputs()
+    mesh = parallel.make_mesh((2, 2, 2))
+    rules = parallel.DEFAULT_RULES
+    key = jax.random.key(0, impl="rbg")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(model.init, key, x_t, t, **cond)
+        shardings = parallel.logical_shardings(abstract, mesh, rules)
+        variables = jax.jit(model.init, out_shardings=shardings)(key, x_t, t, **cond)
+        sharded = variables["params"]
+        assert sharded["input_conv"]["kernel"].value.sharding.spec == P(None, None, None, "fsdp")
+        q = sharded["down_1_attn_0"]["q_proj"]["kernel"].value
+        assert q.sharding.spec == P("fsdp", "tensor", None)
+        batch = jax.device_put((x_t, t, cond, NO, NO), parallel.batch_sharding(mesh))
+        zero = apply(nn.meta.unbox(variables), *batch)
+        # The real init: the zero-initialised output convolution makes the first output exactly 0.
+        np.testing.assert_array_equal(np.asarray(zero), 0.0)
+        out = apply(jax.device_put(params, shardings), *batch)
+        assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(out, apply(params, x_t, t, cond), atol=1e-5, rtol=1e-5)
+
+
+def test_unet_from_config():
+    cfg = ml_collections.ConfigDict(dict(
+        base_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[16],
+        image_size=32, head_channels=8, dropout=0.1, learned_variance=True, dtype="bfloat16",
+        param_dtype="float32", remat=True, attention_implementation=None, learning_rate=1e-4,
+        drop_z_i_prob=0.1))
+    model = unet_from_config(cfg, clip_dim=D)
+    assert model.channel_mult == (1, 2) and model.attention_resolutions == (16,)
+    assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+    assert (model.clip_dim, model.remat, model.dropout, model.out_channels) == (D, True, 0.1, 6)
+    assert model.context_width == 64  # no text: the context tokens are emb-wide
+    x_t, t, cond = _decoder_inputs()
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x_t, t, z_i=cond["z_i"])
+    assert count_params(abstract) > 0 and "text_encoder" not in abstract["params"]
+    with pytest.raises(ValueError, match="unknown size"):
+        unet_from_config(cfg, width=3)
+
+
+def test_norm_groups():
+    assert [norm_groups(c) for c in (512, 64, 16, 48, 40, 3)] == [32, 32, 16, 24, 20, 3]
+
+
+def test_bad_inputs_fail_clearly(decoder):
+    model, params, _ = decoder
+    x_t, t, cond = _decoder_inputs()
+
+    def run(*args, model=model, **kwargs):
+        jax.eval_shape(lambda: model.apply(params, *args, **kwargs))
+
+    with pytest.raises(ValueError, match="x_t"):
+        run(x_t[..., :2], t, **cond)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        run(x_t[:, :31, :31], t, **cond)
+    with pytest.raises(ValueError, match="t has shape"):
+        run(x_t, t[:2], **cond)
+    with pytest.raises(ValueError, match="z_i is required"):
+        run(x_t, t, **{**cond, "z_i": None})
+    with pytest.raises(ValueError, match="z_i has shape"):
+        run(x_t, t, **{**cond, "z_i": cond["z_i"][:, :3]})
+    with pytest.raises(ValueError, match="text_mask"):
+        run(x_t, t, **{**cond, "text_mask": cond["text_mask"][:, :2]})
+    with pytest.raises(ValueError, match="drop_text"):
+        run(x_t, t, **cond, drop_text=jnp.zeros((2,), bool))
+    with pytest.raises(ValueError, match="low_res was given"):
+        run(x_t, t, **cond, low_res=x_t)
+    upsampler = UNet(**UPSAMPLER)
+    with pytest.raises(ValueError, match="low_res is required"):
+        jax.eval_shape(upsampler.init, jax.random.key(0), x_t, t)
+    with pytest.raises(ValueError, match="z_i was given"):
+        jax.eval_shape(upsampler.init, jax.random.key(0), x_t, t, low_res=x_t, z_i=cond["z_i"])
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        jax.eval_shape(UNet(**{**DECODER, "attention_resolutions": (12,)}).init,
+                       jax.random.key(0), x_t, t, **cond)
