@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unclip_jax.diffusion import gaussian, samplers
+from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.schedules import Schedule
 
 FULL = Schedule.named("cosine", 1000)

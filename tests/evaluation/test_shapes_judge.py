@@ -75,18 +75,17 @@ def test_each_pair_attribute_is_judged_on_its_own():
     caption = "a green triangle above a pink square on a gray background"
     image = _render(caption, side=32)
     assert all(judge(image, caption).values())
-    changes = {
-        ("relation",): "a green triangle to the left of a pink square on a gray background",
-        ("shape1",): "a green square above a pink square on a gray background",
-        ("shape2",): "a green triangle above a pink cross on a gray background",
-        ("background",): "a green triangle above a pink square on a white background",
+    changes = [
+        (("relation",), "a green triangle to the left of a pink square on a gray background"),
+        (("shape1",), "a green square above a pink square on a gray background"),
+        (("shape2",), "a green triangle above a pink cross on a gray background"),
+        (("background",), "a green triangle above a pink square on a white background"),
         # A colour that is not in the image fails its colour, its shape and the relation.
-        ("color2", "shape2", "relation"): "a green triangle above a cyan square on a gray "
-                                          "background",
+        (("color2", "shape2", "relation"), "a green triangle above a cyan square on a gray background"),
         # Swapped objects: each colour keeps its shape, but the relation is reversed.
-        ("relation",): "a pink square above a green triangle on a gray background",
-    }
-    for attributes, other in changes.items():
+        (("relation",), "a pink square above a green triangle on a gray background"),
+    ]
+    for attributes, other in changes:
         verdict = judge(image, other)
         wrong = {k for k, v in verdict.items() if not v}
         assert wrong == set(attributes) | {"exact"}, (attributes, verdict)

@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes as shapes_config
+from tests import helpers
 from tests.train import tiny_clip
 from unclip_jax.tasks import decoder as decoder_task
 from unclip_jax.train import loop
-from unclip_jax.train import metrics as metrics_lib
 
 
 @pytest.fixture(scope="module")
@@ -18,34 +17,12 @@ def clip_with_cache(tmp_path_factory):
     return tiny_clip.tiny_clip_with_cache(tmp_path_factory)
 
 
-def config_for(variant, clip_with_cache=None, **train):
-    config = shapes_config.get_config(f"{variant},tiny")
-    with config.unlocked():
-        if clip_with_cache is not None:
-            config.clip_workdir, config.cache_dir = clip_with_cache
-        config.train.log_every = 1
-        for k, v in train.items():
-            setattr(config.train, k, v)
-    return config
-
-
-def losses(workdir):
-    records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+config_for = helpers.tiny_config
 
 
 def test_decoder_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
-    results = {}
-    for name, shape, n in (("one", (1, 1, 1), 1), ("eight", (2, 2, 2), 0)):
-        config = config_for("decoder", clip_with_cache, num_steps=2)
-        with config.unlocked():
-            config.mesh.shape, config.mesh.num_devices = shape, n
-            config.eval.splits = ()
-        loop.train_and_evaluate(config, str(tmp_path / name))
-        results[name] = losses(tmp_path / name)
-    assert sorted(results["one"]) == [1, 2]
-    np.testing.assert_allclose([results["one"][s] for s in (1, 2)],
-                               [results["eight"][s] for s in (1, 2)], rtol=1e-4)
+    helpers.assert_same_losses_on_1_and_8_devices(lambda: config_for("decoder", clip_with_cache), tmp_path,
+                                                  steps=2)
 
 
 def test_decoder_evaluation_judges_decoded_images_and_writes_a_grid(clip_with_cache, tmp_path):

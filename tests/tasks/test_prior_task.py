@@ -1,5 +1,4 @@
 """The prior task: loss on the cache, sharding invariance, guidance, best-of-k, evaluation."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +6,12 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
+from tests import helpers
 from tests.train import tiny_clip
 from unclip_jax import parallel
 from unclip_jax.diffusion import samplers
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.train import loop
-from unclip_jax.train import metrics as metrics_lib
 
 
 @pytest.fixture(scope="module")
@@ -22,33 +21,11 @@ def clip_with_cache(tmp_path_factory):
 
 
 def prior_config(clip_with_cache, **train):
-    config = shapes_config.get_config("prior,tiny")
-    with config.unlocked():
-        config.clip_workdir, config.cache_dir = clip_with_cache
-        config.train.log_every = 1
-        for k, v in train.items():
-            setattr(config.train, k, v)
-    return config
-
-
-def losses(workdir):
-    """Per-step train loss (after a resume, the last record of a step wins)."""
-    records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    return helpers.tiny_config("prior", clip_with_cache, **train)
 
 
 def test_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
-    results = {}
-    for name, shape, n in (("one", (1, 1, 1), 1), ("eight", (2, 2, 2), 0)):
-        config = prior_config(clip_with_cache, num_steps=3)
-        with config.unlocked():
-            config.mesh.shape, config.mesh.num_devices = shape, n
-            config.eval.splits = ()
-        loop.train_and_evaluate(config, str(tmp_path / name))
-        results[name] = losses(tmp_path / name)
-    assert sorted(results["one"]) == [1, 2, 3]
-    np.testing.assert_allclose([results["one"][s] for s in (1, 2, 3)],
-                               [results["eight"][s] for s in (1, 2, 3)], rtol=1e-4)
+    helpers.assert_same_losses_on_1_and_8_devices(lambda: prior_config(clip_with_cache), tmp_path, steps=3)
 
 
 def test_evaluation_reports_prior_and_both_baselines(clip_with_cache, tmp_path):

@@ -4,49 +4,24 @@ import signal
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
 from configs import shapes as shapes_config
+from tests import helpers
+from tests.helpers import losses, tiny_config
 from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing, loop
-from unclip_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def tiny_config(**train):
-    config = shapes_config.get_config("clip,tiny")
-    with config.unlocked():
-        config.train.log_every = 1
-        for k, v in train.items():
-            setattr(config.train, k, v)
-    return config
-
-
-def losses(workdir):
-    """Per-step train loss (after a resume, the last record of a step wins)."""
-    records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
 def test_sharded_matches_single_device(tmp_path):
-    one = tiny_config(num_steps=3)
-    with one.unlocked():
-        one.mesh.shape, one.mesh.num_devices = (1, 1, 1), 1
-    eight = tiny_config(num_steps=3)
-    with eight.unlocked():
-        eight.mesh.shape = (2, 2, 2)
-    loop.train_and_evaluate(one, str(tmp_path / "one"))
-    loop.train_and_evaluate(eight, str(tmp_path / "eight"))
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
-    assert sorted(a) == sorted(b) == [1, 2, 3]
-    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-4)
+    helpers.assert_same_losses_on_1_and_8_devices(tiny_config, tmp_path, steps=3)
 
 
 def test_kill_and_resume_reproduces_losses(tmp_path):
