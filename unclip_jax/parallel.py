@@ -120,3 +120,25 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a host tree on every device of the mesh (replicated)."""
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), sharding), tree)
+
+
+def pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Pads the leading dimension to a multiple of `multiple` by repeating the last row."""
+    pad = (-x.shape[0]) % multiple
+    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0) if pad else x
+
+
+def map_batches(fn, arrays: Sequence[np.ndarray], mesh: Mesh, batch_size: int) -> np.ndarray:
+    """Runs `fn(offset, *device_chunks)` over host arrays in chunks of `batch_size` rows.
+
+    Each chunk is padded to a multiple of the data-parallel size and sharded over the data axes;
+    `offset` is the chunk's first row (to fold into an rng). Returns the concatenated numpy
+    results without the padding rows.
+    """
+    dp, n, out = data_parallel_size(mesh), len(arrays[0]), []
+    for i in range(0, n, int(batch_size)):
+        chunks = [a[i:i + int(batch_size)] for a in arrays]
+        rows = len(chunks[0])
+        chunks = [jax.device_put(pad_rows(np.asarray(c), dp), batch_sharding(mesh)) for c in chunks]
+        out.append(np.asarray(fn(i, *chunks))[:rows])
+    return np.concatenate(out, axis=0)

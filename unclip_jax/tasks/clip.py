@@ -64,14 +64,6 @@ def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> 
     return 0.5 * (loss_i + loss_t), metrics
 
 
-def _pad_batch(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
-    n = x.shape[0]
-    pad = (-n) % multiple
-    if pad:
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
-    return x, n
-
-
 class ClipTask(Task):
     """Trains the CLIP towers; evaluates zero-shot caption retrieval on validation and heldout."""
 
@@ -120,14 +112,9 @@ class ClipTask(Task):
             else:
                 fn = lambda p, x: self.model.apply({"params": p}, x, method=self.model.encode_text)  # noqa: E731
             self._encoders[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
-        bs = int(self.config.eval.batch_size)
-        dp = parallel.data_parallel_size(mesh)
-        out = []
-        for i in range(0, len(x), bs):
-            chunk, n = _pad_batch(x[i:i + bs], dp)
-            chunk = jax.device_put(chunk, parallel.batch_sharding(mesh))
-            out.append(np.asarray(self._encoders[key](params, chunk))[:n])
-        return np.concatenate(out, axis=0)
+        encoder = self._encoders[key]
+        return parallel.map_batches(lambda _, chunk: encoder(params, chunk), [x], mesh,
+                                    self.config.eval.batch_size)
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
         results = {}

@@ -29,7 +29,6 @@ from unclip_jax.tasks import embed
 from unclip_jax.tasks import image_diffusion as diff_lib
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.tasks.base import Task
-from unclip_jax.tasks.clip import _pad_batch
 
 
 class CachedImageSource:
@@ -133,13 +132,9 @@ class DecoderTask(Task):
         """Decodes unit z_i [N, D] (with caption tokens [N, L]) to uint8 images [N, side, side, 3]."""
         scale = self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale
         fn = self.sample_fn(mesh, scale)
-        bs, dp = int(self.config.eval.batch_size), parallel.data_parallel_size(mesh)
-        out = []
-        for i in range(0, len(z_i), bs):
-            (zb, n), (tb, _) = _pad_batch(z_i[i:i + bs], dp), _pad_batch(tokens[i:i + bs], dp)
-            put = lambda x: jax.device_put(x, parallel.batch_sharding(mesh))  # noqa: E731
-            out.append(diff_lib.to_uint8(fn(params, put(zb), put(tb), jax.random.fold_in(rng, i)))[:n])
-        return np.concatenate(out)
+        images = parallel.map_batches(lambda i, z, tok: fn(params, z, tok, jax.random.fold_in(rng, i)),
+                                      [z_i, tokens], mesh, self.config.eval.batch_size)
+        return diff_lib.to_uint8(images)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_examples(self, split: str):

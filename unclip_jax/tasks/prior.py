@@ -28,7 +28,6 @@ from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import prior as prior_lib
-from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks import embed
 from unclip_jax.tasks.base import Task
 
@@ -156,17 +155,9 @@ class PriorTask(Task):
         diff = self.config.diffusion
         fn = self.sample_fn(mesh, guidance_scale=diff.guidance_scale if guidance_scale is None else guidance_scale,
                             best_of=diff.best_of if best_of is None else best_of, sampler=diff.sampler)
-        n, bs = len(records["z_t"]), int(self.config.eval.batch_size)
-        dp = parallel.data_parallel_size(mesh)
-        out = []
-        for i in range(0, n, bs):
-            chunk = {k: records[k][i:i + bs] for k in ("z_t", "text_hidden", "tokens")}
-            m = len(chunk["z_t"])
-            chunk = {k: clip_task._pad_batch(v, dp)[0] for k, v in chunk.items()}
-            chunk = {k: jax.device_put(v, parallel.batch_sharding(mesh)) for k, v in chunk.items()}
-            z = fn(params, chunk["z_t"], chunk["text_hidden"], chunk["tokens"], jax.random.fold_in(rng, i))
-            out.append(np.asarray(z)[:m])
-        return np.concatenate(out)
+        arrays = [records[k] for k in ("z_t", "text_hidden", "tokens")]
+        return parallel.map_batches(lambda i, *chunk: fn(params, *chunk, jax.random.fold_in(rng, i)),
+                                    arrays, mesh, self.config.eval.batch_size)
 
     # ------------------------------------------------------------------ evaluation
     def _load_split(self, split: str, num: int) -> dict[str, np.ndarray]:

@@ -26,7 +26,6 @@ from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.tasks import image_diffusion as diff_lib
 from unclip_jax.tasks.base import Task
-from unclip_jax.tasks.clip import _pad_batch
 
 
 class UpsamplerTask(Task):
@@ -78,7 +77,7 @@ class UpsamplerTask(Task):
     # ------------------------------------------------------------------ sampling and evaluation
     def upsample(self, params, mesh: Mesh, low: np.ndarray, rng: jax.Array) -> np.ndarray:
         """uint8 low-res [N, h, w, 3] -> uint8 [N, h * scale, w * scale, 3]."""
-        n_low, h, w = low.shape[0], low.shape[1], low.shape[2]
+        h, w = low.shape[1], low.shape[2]
         key = (mesh, h, w)
         if key not in self._samplers:
             def sample(params, low_res, rng):
@@ -91,13 +90,10 @@ class UpsamplerTask(Task):
                 return diff_lib.sample_images(self.config.diffusion, self.sample_schedule, model_fn, shape, rng)
 
             self._samplers[key] = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
-        bs, dp = int(self.config.eval.batch_size), parallel.data_parallel_size(mesh)
-        out = []
-        for i in range(0, n_low, bs):
-            chunk, n = _pad_batch(low[i:i + bs], dp)
-            chunk = jax.device_put(chunk, parallel.batch_sharding(mesh))
-            out.append(diff_lib.to_uint8(self._samplers[key](params, chunk, jax.random.fold_in(rng, i)))[:n])
-        return np.concatenate(out)
+        sampler = self._samplers[key]
+        upsampled = parallel.map_batches(lambda i, chunk: sampler(params, chunk, jax.random.fold_in(rng, i)),
+                                         [low], mesh, self.config.eval.batch_size)
+        return diff_lib.to_uint8(upsampled)
 
     def _eval_examples(self, split: str):
         source = pipeline_lib.make_source(self.config.data, split)
