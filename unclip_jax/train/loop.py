@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -84,16 +85,12 @@ def make_train_step(task: Task, tx, config: ml_collections.ConfigDict):
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         decay = state_lib.ema_decay_at(state.step, ema_decay)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        metrics = dict(metrics, grad_norm=_global_norm(grads), learning_rate=schedule(state.step))
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
         new_state = state_lib.TrainState(step=state.step + 1, params=params, ema_params=ema,
                                          opt_state=opt_state)
         return new_state, metrics
 
     return train_step
-
-
-def _global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
                     check_and_log(step)
                 # Multi-host: every process must agree to stop, so they only decide at log steps.
                 stop = preemption.requested if jax.process_count() == 1 else (at_log and preemption.agreed())
+                if stop and not at_log:
+                    check_and_log(step)  # Losses are checked before any checkpoint is written.
                 if at_checkpoint or stop:
-                    check_and_log(step)
                     ckpt.save(step, state, data_iterator=pipeline, config=config)
                     good_step = step
                 if config.train.eval_every and step % int(config.train.eval_every) == 0 and step < num_steps:
