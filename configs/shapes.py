@@ -177,6 +177,7 @@ def diffusion_config(*, learned_variance: bool, sampler: str, sample_steps: int,
     d.schedule = "cosine"  # Noise schedule: cosine | linear (paper: cosine; linear for 256->1024).
     d.num_timesteps = 1000  # Training diffusion steps.
     d.param = "eps"  # What the UNet predicts: eps | x0 | v.
+    d.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = plain MSE.
     d.learned_variance = learned_variance  # Learned sigma with the hybrid loss (paper), or fixed variance.
     d.sampler = sampler  # ddpm | ddim | dpm++2m.
     d.sample_steps = sample_steps  # Strided sampling steps (int, "ddimK" or "10,10,3,2,2").

@@ -150,3 +150,22 @@ def test_hybrid_vb_is_zero_for_the_true_posterior():
     np.testing.assert_allclose(terms["mse"], 0.0, atol=1e-10)
     with pytest.raises(ValueError, match="even number of channels"):
         g.hybrid_loss("eps", SCHEDULE, out[..., :3], x0, x_t, t, noise)
+
+
+@pytest.mark.parametrize("param", ["eps", "x0", "v"])
+def test_min_snr_weighted_loss_is_min_snr_times_the_x0_error(param):
+    """For every parameterisation, weight * ||param error||^2 == min(snr, gamma) * ||x0 error||^2."""
+    x0, noise = _data()
+    x_t = g.q_sample(SCHEDULE, x0, T_IDX, noise)
+    x0_hat = x0 + 0.1 * jax.random.normal(jax.random.key(5), x0.shape)
+    eps_hat = g.predict_eps_from_x0(SCHEDULE, x_t, T_IDX, x0_hat)
+    abar = g.extract(SCHEDULE.alphas_cumprod, T_IDX, x0)
+    outputs = {"eps": eps_hat, "x0": x0_hat,
+               "v": jnp.sqrt(abar) * eps_hat - jnp.sqrt(1 - abar) * x0_hat}
+    gamma = 5.0
+    weighted = g.mse_loss(param, SCHEDULE, outputs[param], x0, T_IDX, noise, min_snr_gamma=gamma)
+    snr = SCHEDULE.alphas_cumprod[T_IDX] / (1 - SCHEDULE.alphas_cumprod[T_IDX])
+    x0_err = jnp.mean(jnp.square(x0_hat - x0), axis=(1, 2, 3))
+    np.testing.assert_allclose(weighted, jnp.minimum(snr, gamma) * x0_err, rtol=2e-3, atol=1e-6)
+    plain = g.mse_loss(param, SCHEDULE, outputs[param], x0, T_IDX, noise)
+    np.testing.assert_allclose(g.mse_loss(param, SCHEDULE, outputs[param], x0, T_IDX, noise, 0.0), plain)

@@ -138,15 +138,43 @@ def _mean_over_non_batch(x: Array) -> Array:
     return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
 
 
+def min_snr_weight(param: str, schedule: Schedule, t: Array, gamma: float) -> Array:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023) for a model predicting `param`.
+
+    With snr = abar / (1 - abar), the weighted loss equals min(snr, gamma) * ||x0_hat - x0||^2, so
+    low-noise steps (snr > gamma) stop dominating: the weight on the `param` MSE is
+    min(snr, gamma) / snr for eps, min(snr, gamma) for x0, min(snr, gamma) / (snr + 1) for v.
+    gamma <= 0 gives weight 1 (plain MSE).
+    """
+    check_param(param)
+    t = jnp.asarray(t)
+    if gamma <= 0:
+        return jnp.ones(t.shape, jnp.float32)
+    abar = schedule.alphas_cumprod[t].astype(jnp.float32)
+    snr = abar / (1.0 - abar)
+    clipped = jnp.minimum(snr, gamma)
+    if param == "eps":
+        return clipped / snr
+    if param == "x0":
+        return clipped
+    return clipped / (snr + 1.0)
+
+
 def mse_loss(param: str, schedule: Schedule, model_output: Array, x0: Array, t: Array,
-             noise: Array) -> Array:
-    """Per-example MSE [B] between `model_output` [B, ...] and the `param` target, in float32."""
+             noise: Array, min_snr_gamma: float = 0.0) -> Array:
+    """Per-example MSE [B] between `model_output` [B, ...] and the `param` target, in float32.
+
+    `min_snr_gamma` > 0 weights each example by `min_snr_weight`.
+    """
     x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
     target = training_targets(param, schedule, x0, t, noise)
     if model_output.shape != target.shape:
         raise ValueError(f"model_output has shape {model_output.shape}; expected {target.shape} "
                          "(for a learned-variance output use hybrid_loss)")
-    return _mean_over_non_batch(jnp.square(model_output.astype(jnp.float32) - target))
+    mse = _mean_over_non_batch(jnp.square(model_output.astype(jnp.float32) - target))
+    if min_snr_gamma > 0:
+        mse = mse * min_snr_weight(param, schedule, t, min_snr_gamma)
+    return mse
 
 
 def learned_log_variance(schedule: Schedule, v: Array, t: Array) -> Array:
@@ -191,14 +219,16 @@ def discretized_gaussian_log_likelihood(x: Array, means: Array, log_scales: Arra
 
 
 def hybrid_loss(param: str, schedule: Schedule, model_output: Array, x0: Array, x_t: Array,
-                t: Array, noise: Array, vb_weight: float | None = None):
+                t: Array, noise: Array, vb_weight: float | None = None,
+                min_snr_gamma: float = 0.0):
     """Improved-DDPM L_hybrid = MSE(mean part) + vb_weight * L_vlb, per example [B].
 
     model_output: [B, ..., 2C] = (mean part, v_var); x0, x_t, noise: [B, ..., C]; t: [B] int.
     L_vlb (bits per dim) is KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the discretised
     decoder NLL of x0 (images in [-1, 1], 256 bins) for t == 0. It is computed on a STOP-GRADIENT
     of the mean part, so it trains only the variance. vb_weight defaults to T/1000 (lambda=0.001
-    times the T terms of the bound). Returns (loss [B], {"mse": [B], "vb": [B]}).
+    times the T terms of the bound). `min_snr_gamma` > 0 weights the MSE term (`min_snr_weight`).
+    Returns (loss [B], {"mse": [B], "vb": [B]}).
     """
     model_output = model_output.astype(jnp.float32)
     x0, x_t, noise = (a.astype(jnp.float32) for a in (x0, x_t, noise))
@@ -206,7 +236,7 @@ def hybrid_loss(param: str, schedule: Schedule, model_output: Array, x0: Array, 
     if mean_out.shape != x0.shape:
         raise ValueError(f"model_output has shape {model_output.shape}; expected x0's shape "
                          f"{x0.shape} with twice the channels on the last axis")
-    mse = mse_loss(param, schedule, mean_out, x0, t, noise)
+    mse = mse_loss(param, schedule, mean_out, x0, t, noise, min_snr_gamma)
 
     frozen_x0, _ = predict_x0_eps(param, schedule, x_t, t, jax.lax.stop_gradient(mean_out))
     model_mean, _, _ = q_posterior_mean_variance(schedule, frozen_x0, x_t, t)

@@ -39,10 +39,12 @@ def noised(schedule: Schedule, x0: jax.Array, rng: jax.Array):
 def diffusion_loss(diffusion: ml_collections.ConfigDict, schedule: Schedule, output: jax.Array,
                    x0: jax.Array, x_t: jax.Array, t: jax.Array, noise: jax.Array):
     """Mean loss and metrics: the hybrid loss with learned variance, else the plain MSE."""
+    gamma = float(diffusion.get("min_snr_gamma", 0.0))
     if diffusion.learned_variance:
-        loss, terms = gaussian.hybrid_loss(diffusion.param, schedule, output, x0, x_t, t, noise)
+        loss, terms = gaussian.hybrid_loss(diffusion.param, schedule, output, x0, x_t, t, noise,
+                                           min_snr_gamma=gamma)
         return loss.mean(), {k: v.mean() for k, v in terms.items()}
-    return gaussian.mse_loss(diffusion.param, schedule, output, x0, t, noise).mean(), {}
+    return gaussian.mse_loss(diffusion.param, schedule, output, x0, t, noise, gamma).mean(), {}
 
 
 def sample_images(diffusion: ml_collections.ConfigDict, schedule: Schedule, model_fn: Callable,
