@@ -1,10 +1,14 @@
-"""Caches a trained CLIP's embeddings of its data set, so the prior and decoder never run CLIP.
+"""Caches a CLIP's embeddings of its data set, so the prior and decoder never run CLIP.
 
   python embed.py --clip_workdir runs/shapes_clip --cache_dir runs/shapes_clip/cache \
       [--splits train,validation,heldout] [--num_examples N] [--batch_size 256]
 
-Re-running the same command resumes an interrupted cache (complete chunks are kept). A cache built
-from another CLIP (or step, or size) is never overwritten: pick another --cache_dir.
+The CLIP is trained (train.py) or imported (convert_clip.py). The data set is its workdir's `data`
+block (shapes, a TFDS / captioned-folder data set, or WebDataset tar shards); images are
+preprocessed as that CLIP expects (an imported CLIP's own resize, crop, mean and std). Unreadable
+examples (corrupt images, empty captions) are skipped and counted. Re-running the same command
+resumes an interrupted cache (complete chunks are kept). A cache built from another CLIP (or step,
+or size) is never overwritten: pick another --cache_dir.
 """
 import sys
 
@@ -13,7 +17,8 @@ from absl import app, flags
 from unclip_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("clip_workdir", None, "Workdir of a trained CLIP (python train.py --config ...:clip).")
+flags.DEFINE_string("clip_workdir", None, "Workdir of a trained CLIP (python train.py --config ...:clip) "
+                    "or an imported one (python convert_clip.py).")
 flags.DEFINE_string("cache_dir", None, "Where the cache goes: <cache_dir>/<split>/.")
 flags.DEFINE_list("splits", ["train", "validation", "heldout"],
                   "Splits to cache (splits the data set lacks are skipped).")
@@ -42,7 +47,7 @@ def main(argv):
             FLAGS.clip_workdir, FLAGS.cache_dir, FLAGS.splits, num_examples=FLAGS.num_examples,
             batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
             text_hidden_dtype=FLAGS.text_hidden_dtype, step=FLAGS.step, progress=True)
-    except (restore.NotTrainedError, embedding_cache.CacheMismatchError) as e:
+    except (restore.NotTrainedError, embedding_cache.CacheMismatchError, FileNotFoundError) as e:
         sys.exit(f"embed.py: {e}")  # The user's input is wrong: the message says how, no traceback.
     if jax.process_index() == 0:
         print(f"Embedding cache in {FLAGS.cache_dir}:")

@@ -30,6 +30,9 @@ setup(
     packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2"],
+        # CPU torch for the Hugging Face CLIP parity test (transformers' torch CLIPModel). This
+        # exact pin installs a CPU build on these machines, without several GB of GPU packages.
+        "parity": ["torch==2.13.0"],
+        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2", "torch==2.13.0"],
     },
 )

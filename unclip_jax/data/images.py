@@ -81,3 +81,60 @@ def resize_center_crop(image: np.ndarray, side: int) -> np.ndarray:
         img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
     left, top = (new_w - side) // 2, (new_h - side) // 2
     return np.asarray(img.crop((left, top, left + side, top + side)), dtype=np.uint8).copy()
+
+
+# Pillow filters by the names used in configs ("resample" fields) and by the Pillow / Hugging Face
+# integer codes found in preprocessor_config.json files.
+RESAMPLE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+
+def resize_shortest_side(image: np.ndarray, size: int, resample: str = "bicubic") -> np.ndarray:
+    """Resizes so the shorter side is `size`, keeping the aspect ratio (Pillow, antialiased).
+
+    The longer side becomes `int(size * long / short)` (rounded down, as torchvision's `Resize` and
+    Hugging Face's `CLIPImageProcessor` do; `resize_center_crop` rounds to nearest instead).
+    image: uint8 [H, W, 3] -> uint8 [H', W', 3].
+    """
+    image = _check_uint8_image(image)
+    size = checked_int("size", size, 1)
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"resample={resample!r}: expected one of {sorted(RESAMPLE_FILTERS)}")
+    h, w = image.shape[:2]
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return image.copy()
+    img = Image.fromarray(image).resize((new_w, new_h), resample=RESAMPLE_FILTERS[resample])
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """The centre `side` x `side` square (top-left at `(H - side) // 2, (W - side) // 2`).
+
+    image: uint8 [H, W, 3] with H, W >= side -> uint8 [side, side, 3].
+    """
+    image = _check_uint8_image(image)
+    side = checked_int("side", side, 1)
+    h, w = image.shape[:2]
+    if h < side or w < side:
+        raise ValueError(f"cannot centre-crop {side} x {side} from an image of {h} x {w}")
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top:top + side, left:left + side].copy()
+
+
+def clip_preprocess(image: np.ndarray, *, resize_size: int, crop_size: int,
+                    resample: str = "bicubic") -> np.ndarray:
+    """CLIP's image preprocessing up to normalisation: shorter side to `resize_size`, centre crop.
+
+    The same pixels as Hugging Face's `CLIPImageProcessor` (Pillow backend) before its rescale and
+    normalisation, which the model input does on device. image: uint8 [H, W, 3] ->
+    uint8 [crop_size, crop_size, 3]; needs crop_size <= resize_size.
+    """
+    if checked_int("crop_size", crop_size, 1) > checked_int("resize_size", resize_size, 1):
+        raise ValueError(f"crop_size={crop_size} must not exceed resize_size={resize_size}")
+    return center_crop(resize_shortest_side(image, resize_size, resample), crop_size)

@@ -23,8 +23,16 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
+SOURCES = ("tfds", "procedural", "webdataset")
+
+
 def make_source(data: ml_collections.ConfigDict, split: str):
-    """Returns a random-access source of `{"image": uint8 HWC | encoded bytes, "caption": str | bytes}`."""
+    """Returns a random-access source of `{"image": uint8 HWC | encoded bytes, "caption": str | bytes}`.
+
+    `data.source`: "tfds" (`data.tfds_name` in `data.data_dir`), "procedural" (shapes rendered on
+    the fly) or "webdataset" (tar shards: `data.shards` for train, `data.<split>_shards` for the
+    other splits; a split without shards raises `tfds_builders.MissingSplitError`).
+    """
     if data.source == "procedural":
         num = data.num_train if split == "train" else data.num_eval
         return shapes.ShapesSource(split=split, side=data.side, num_examples=num, seed=data.seed)
@@ -33,7 +41,20 @@ def make_source(data: ml_collections.ConfigDict, split: str):
 
         data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
         return tfds_builders.load_source(data.tfds_name, split=split, data_dir=data_dir, data=data)
-    raise ValueError(f"config.data.source={data.source!r}: expected 'tfds' or 'procedural'")
+    if data.source == "webdataset":
+        from unclip_jax.data import tfds_builders
+        from unclip_jax.data import webdataset
+
+        field = "shards" if split == "train" else f"{split}_shards"
+        pattern = data.get(field) or ""
+        if not pattern:
+            if split == "train":
+                raise ValueError("config.data.source='webdataset' needs config.data.shards (e.g. "
+                                 "'data/shards/{00000..00099}.tar' or 'data/shards/*.tar')")
+            raise tfds_builders.MissingSplitError(
+                f"no {split!r} split: config.data.{field} is empty or absent")
+        return webdataset.WebDatasetSource(pattern, verify_images=bool(data.get("verify_images", False)))
+    raise ValueError(f"config.data.source={data.source!r}: expected one of {SOURCES}")
 
 
 def decode_example(example: Mapping[str, Any], side: int | None) -> tuple[np.ndarray, str]:

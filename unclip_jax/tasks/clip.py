@@ -14,6 +14,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from unclip_jax import parallel
+from unclip_jax.data import images as image_lib
 from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.data import shapes
 from unclip_jax.data import tfds_builders
@@ -39,11 +40,33 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
     return tokenizer_lib.Tokenizer.from_dir(tok_dir, context_length=config.tokenizer.context_length)
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 normalised with CLIP's mean and std (done on device)."""
-    mean = jnp.asarray(pipeline_lib.CLIP_MEAN)
-    std = jnp.asarray(pipeline_lib.CLIP_STD)
+def normalize(images: jax.Array, mean=pipeline_lib.CLIP_MEAN, std=pipeline_lib.CLIP_STD) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 normalised with `mean` and `std` (per channel, for pixels in
+    [0, 1]; default OpenAI CLIP's), done on device."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
     return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+class PreprocessedSource:
+    """A random-access source whose examples come out decoded and preprocessed by `fn`.
+
+    `source[i]` -> `{"image": uint8 [S, S, 3], "caption": str}` with `(image, caption) =
+    fn(raw_source[i])`; an unreadable example raises `ValueError` when it is read.
+    """
+
+    def __init__(self, source, fn):
+        self.source, self.fn = source, fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i) -> dict[str, Any]:
+        image, caption = self.fn(self.source[i])
+        return {"image": image, "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"PreprocessedSource({self.source!r})"
 
 
 def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict]:
@@ -70,12 +93,23 @@ class ClipTask(Task):
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         super().__init__(config, workdir)
         self.tokenizer = prepare_tokenizer(config, workdir)
+        # An imported CLIP's config names its checkpoint's pooling; ours follows the tokenizer.
+        eot_pooling = config.model.get("eot_pooling") or self.tokenizer.eot_pooling
         # The embedding table is padded to a multiple of 128 rows so that it shards over any
         # tensor-parallel size (ids past the tokenizer's vocabulary are never looked up).
         self.model = clip_lib.clip_model_from_config(
             config.model, vocab_size=-(-self.tokenizer.vocab_size // 128) * 128, eot_token_id=self.tokenizer.eot_token_id,
-            eot_pooling=self.tokenizer.eot_pooling, context_length=self.tokenizer.context_length)
+            eot_pooling=eot_pooling, context_length=self.tokenizer.context_length)
         self.side = int(config.model.image_size)
+        # Imported CLIPs carry their own preprocessing (resize, crop, mean/std); ours resizes the
+        # shorter side to `side` and uses OpenAI's constants.
+        self.preprocess = config.get("preprocess")
+        if self.preprocess is not None and int(self.preprocess.crop_size) != self.side:
+            raise ValueError(f"config.preprocess.crop_size={self.preprocess.crop_size} must equal "
+                             f"config.model.image_size={self.side}")
+        p = self.preprocess
+        self.mean = np.asarray(p.mean if p else pipeline_lib.CLIP_MEAN, np.float32)
+        self.std = np.asarray(p.std if p else pipeline_lib.CLIP_STD, np.float32)
         self._encoders = {}  # Jitted image / text encoders for evaluation, built on first use.
 
     # ------------------------------------------------------------------ model and loss
@@ -85,12 +119,31 @@ class ClipTask(Task):
         return self.model.init(rng, images, tokens)["params"]
 
     def loss_fn(self, params, batch, rng, step):
-        z_i, z_t, logit_scale = self.model.apply({"params": params}, normalize(batch["image"]), batch["tokens"])
+        z_i, z_t, logit_scale = self.model.apply({"params": params}, self.normalize(batch["image"]),
+                                                 batch["tokens"])
         return contrastive_loss(z_i, z_t, logit_scale)
 
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, S, S, 3] -> the model's float32 input (this CLIP's mean and std)."""
+        return normalize(images, self.mean, self.std)
+
     # ------------------------------------------------------------------ data
+    def decode(self, example: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+        """A raw example -> (uint8 [side, side, 3] image, caption), resized and cropped for this CLIP."""
+        if self.preprocess is None:
+            return pipeline_lib.decode_example(example, self.side)
+        image, caption = pipeline_lib.decode_example(example, None)
+        p = self.preprocess
+        image = image_lib.clip_preprocess(image, resize_size=int(p.resize_size),
+                                          crop_size=int(p.crop_size), resample=str(p.resample))
+        return image, caption
+
+    def preprocessed_source(self, source) -> PreprocessedSource:
+        """`source` with examples already `decode`d (for readers that only resize to `side`)."""
+        return PreprocessedSource(source, self.decode)
+
     def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        image, caption = pipeline_lib.decode_example(example, self.side)
+        image, caption = self.decode(example)
         return {"image": image, "tokens": self.tokenizer([caption])[0]}
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
@@ -108,7 +161,7 @@ class ClipTask(Task):
         key = (kind, mesh)
         if key not in self._encoders:
             if kind == "image":
-                fn = lambda p, x: self.model.apply({"params": p}, normalize(x), method=self.model.encode_image)  # noqa: E731
+                fn = lambda p, x: self.model.apply({"params": p}, self.normalize(x), method=self.model.encode_image)  # noqa: E731
             else:
                 fn = lambda p, x: self.model.apply({"params": p}, x, method=self.model.encode_text)  # noqa: E731
             self._encoders[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
@@ -135,9 +188,9 @@ class ClipTask(Task):
         """
         ev = self.config.eval
         images, captions = [], []
-        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"),
-                                               pipeline_lib.decode_example(e, self.side))),
-                                               num_examples=ev.num_examples, batch_size=ev.batch_size):
+        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
+                                               num_examples=ev.num_examples,
+                                               batch_size=ev.batch_size):
             images.append(batch["image"])
             captions.extend(str(c) for c in batch["caption"])
         images = np.concatenate(images)

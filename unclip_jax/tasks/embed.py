@@ -47,7 +47,8 @@ def make_encode_fn(trained: restore.Trained, *, text_hidden_dtype: str = "float1
     `encode_fn(images uint8 [B, H, W, 3], captions list[str])` -> numpy dict: `z_i`, `z_t`
     float32 [B, D] (unit norm), `text_hidden` [B, L, W] (`text_hidden_dtype`; the text tower's
     final LayerNormed states) and `tokens` int32 [B, L]. Images are normalised exactly as in
-    training (`tasks.clip.normalize`). B must be a multiple of the mesh's data-parallel size.
+    training (`ClipTask.normalize`: the CLIP's own mean and std). B must be a multiple of the
+    mesh's data-parallel size.
     """
     task = trained.task
     if not isinstance(task, clip_task.ClipTask):
@@ -59,7 +60,7 @@ def make_encode_fn(trained: restore.Trained, *, text_hidden_dtype: str = "float1
 
     def encode(params, images, tokens):
         variables = {"params": params}
-        z_i = model.apply(variables, clip_task.normalize(images), method=model.encode_image)
+        z_i = model.apply(variables, task.normalize(images), method=model.encode_image)
         z_t, hidden = model.apply(variables, tokens, return_hidden=True, method=model.encode_text)
         return z_i, z_t, hidden.astype(hidden_dtype)
 
@@ -81,6 +82,8 @@ def describe_source(data, split: str, source) -> str:
     """A short, stable description of a data source (stored in the cache metadata)."""
     if data.source == "procedural":
         return repr(source)
+    if data.source == "webdataset":
+        return f"webdataset:{source.pattern}[{split}] ({len(source)} examples)"
     return f"tfds:{data.tfds_name}[{split}] ({len(source)} examples)"
 
 
@@ -134,10 +137,12 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
             "tokenizer_dir": trained.task.tokenizer.path,
             "source": describe_source(config.data, split, source),
         }
+        # Decoded, resized and cropped as the CLIP task does (an imported CLIP's own preprocessing).
         summaries[split] = embedding_cache.build_cache(
-            source, encode_fn, cache_dir, split, num_examples=n, chunk_size=chunk_size,
-            batch_size=batch_size, metadata=metadata, process_index=jax.process_index(),
-            process_count=jax.process_count(), image_size=int(config.model.image_size),
+            trained.task.preprocessed_source(source), encode_fn, cache_dir, split, num_examples=n,
+            chunk_size=chunk_size, batch_size=batch_size, metadata=metadata,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            image_size=int(config.model.image_size),
             text_hidden_dtype=text_hidden_dtype, num_threads=int(config.data.num_threads),
             progress=progress and jax.process_index() == 0)
     if jax.process_count() > 1:
