@@ -8,6 +8,7 @@ import pytest
 
 from tests import helpers
 from tests.train import tiny_clip
+from unclip_jax import parallel
 from unclip_jax.tasks import decoder as decoder_task
 from unclip_jax.train import loop
 
@@ -42,16 +43,35 @@ def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tm
     source = task.source("validation")
     items = [source[i] for i in range(4)]
     batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
-    cond = task._conditioning(batch)
     x = jax.random.normal(jax.random.key(2), (4, task.side, task.side, 3))
     t = jnp.full((4,), 500, jnp.int32)
-    conditional = task.model.apply({"params": params}, x, t, **cond)
-    two = {k: jnp.concatenate([v, v]) for k, v in cond.items()}
+    conditional = task.model.apply({"params": params}, x, t, **task._conditioning(batch))
+    two = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
     drop = jnp.concatenate([jnp.zeros((4,), bool), jnp.ones((4,), bool)])
-    doubled = task.model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), **two,
-                               drop_z_i=drop, drop_text=drop)
+    doubled = task.model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                               **task._conditioning(two, drop, drop))
     np.testing.assert_allclose(doubled[:4], conditional, rtol=1e-4, atol=1e-5)
     assert not np.allclose(doubled[4:], conditional, atol=1e-3)  # The unconditional half differs.
+
+
+def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
+    """`text_depth=0` (the benchmark's decoder): no caption inputs reach the UNet; z_i still does."""
+    config = config_for("decoder")
+    with config.unlocked():
+        config.model.text_depth = 0
+        config.mesh.num_devices = 1
+    task = decoder_task.DecoderTask.from_dims(config, str(tmp_path), clip_dim=16, text_length=8,
+                                              vocab_size=100, eot_token_id=99)
+    params = loop.unbox(task.init_params(jax.random.key(0)))
+    assert not any("text" in k for k in params)
+    b, s = 2, task.side
+    batch = {"image": jnp.zeros((b, s, s, 3), jnp.uint8), "z_i": jax.random.normal(jax.random.key(1), (b, 16)),
+             "tokens": jnp.ones((b, 8), jnp.int32)}
+    loss, _ = task.loss_fn(params, batch, jax.random.key(2), 0)
+    assert np.isfinite(float(loss))
+    images = task.sample_fn(parallel.mesh_from_config(config.mesh), 2.0)(params, batch["z_i"], batch["tokens"],
+                                                            jax.random.key(3))
+    assert images.shape == (b, s, s, 3) and bool(jnp.all(jnp.abs(images) <= 1))
 
 
 def test_upsampler_trains_on_crops_and_upsamples_full_images(tmp_path):

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from unclip_jax import parallel
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.diffusion import samplers
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.tasks import embed
@@ -53,10 +54,28 @@ class DecoderTask(Task):
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         super().__init__(config, workdir)
         self.clip = embed.cached_clip(config)
+        self._build(clip_dim=self.clip.embed_dim, text_length=self.clip.text_length,
+                    vocab_size=self.clip.tokenizer.vocab_size,
+                    eot_token_id=self.clip.tokenizer.eot_token_id)
+
+    @classmethod
+    def from_dims(cls, config: ml_collections.ConfigDict, workdir: str, *, clip_dim: int,
+                  text_length: int, vocab_size: int, eot_token_id: int) -> "DecoderTask":
+        """A task with given CLIP sizes and no CLIP or cache behind it (benchmarks; it cannot train)."""
+        task = cls.__new__(cls)
+        Task.__init__(task, config, workdir)
+        task.clip = None
+        task._build(clip_dim=clip_dim, text_length=text_length, vocab_size=vocab_size,
+                    eot_token_id=eot_token_id)
+        return task
+
+    def _build(self, *, clip_dim: int, text_length: int, vocab_size: int, eot_token_id: int):
+        config = self.config
+        self.clip_dim, self.text_length, self.eot_token_id = clip_dim, text_length, eot_token_id
         self.side = int(config.model.image_size)
         self.model = unet_lib.unet_from_config(
-            config.model, clip_dim=self.clip.embed_dim, text_length=self.clip.text_length,
-            text_vocab_size=-(-self.clip.tokenizer.vocab_size // 128) * 128,
+            config.model, clip_dim=clip_dim, text_length=text_length,
+            text_vocab_size=-(-vocab_size // 128) * 128,
             learned_variance=bool(config.diffusion.learned_variance))
         self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
         self._samplers = {}
@@ -65,19 +84,21 @@ class DecoderTask(Task):
         return CachedImageSource(embedding_cache.CacheSource(self.clip.cache_dir, split),
                                  pipeline_lib.make_source(self.clip.clip_config.data, split), self.side)
 
-    def _conditioning(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        tokens = batch["tokens"]
-        return {"z_i": batch["z_i"], "text_tokens": tokens,
-                "text_mask": prior_task.text_mask(tokens, self.clip.tokenizer.eot_token_id)}
+    def _conditioning(self, batch: Mapping[str, jax.Array], drop_z_i=None, drop_text=None):
+        """The UNet's conditioning kwargs: z_i, and the caption unless the text pathway is off."""
+        cond = {"z_i": batch["z_i"], "drop_z_i": drop_z_i}
+        if self.model.uses_text:
+            tokens = batch["tokens"]
+            cond.update(text_tokens=tokens, text_mask=prior_task.text_mask(tokens, self.eot_token_id),
+                        drop_text=drop_text)
+        return cond
 
     # ------------------------------------------------------------------ model and loss
     def init_params(self, rng):
-        b, s, length = 1, self.side, self.clip.text_length
-        no = jnp.zeros((b,), bool)
+        b, s, no = 1, self.side, jnp.zeros((1,), bool)
+        batch = {"z_i": jnp.zeros((b, self.clip_dim)), "tokens": jnp.zeros((b, self.text_length), jnp.int32)}
         return self.model.init(rng, jnp.zeros((b, s, s, 3)), jnp.zeros((b,), jnp.int32),
-                               z_i=jnp.zeros((b, self.clip.embed_dim)),
-                               text_tokens=jnp.zeros((b, length), jnp.int32),
-                               text_mask=jnp.ones((b, length), bool), drop_z_i=no, drop_text=no)["params"]
+                               **self._conditioning(batch, no, no))["params"]
 
     def loss_fn(self, params, batch, rng, step):
         diff = self.config.diffusion
@@ -86,9 +107,9 @@ class DecoderTask(Task):
         x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
         b = x0.shape[0]
         out = self.model.apply(
-            {"params": params}, x_t, t, **self._conditioning(batch),
-            drop_z_i=jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,)),
-            drop_text=jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,)),
+            {"params": params}, x_t, t,
+            **self._conditioning(batch, jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,)),
+                                 jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,))),
             train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
         return diff_lib.diffusion_loss(diff, self.schedule, out, x0, x_t, t, noise)
 
@@ -108,24 +129,79 @@ class DecoderTask(Task):
         """Jitted `(params, z_i [B, D], tokens [B, L], rng) -> images in [-1, 1]` with guidance."""
         key = (mesh, float(guidance_scale))
         if key not in self._samplers:
-            def sample(params, z_i, tokens, rng):
-                cond = self._conditioning({"z_i": z_i, "tokens": tokens})
-                b = z_i.shape[0]
-
-                def model_fn(x, t):
-                    return self.model.apply({"params": params}, x, t, **cond)
-
-                def cond_uncond(x, t):
-                    two = {k: jnp.concatenate([v, v]) for k, v in cond.items()}
-                    drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
-                    return self.model.apply({"params": params}, x, t, **two, drop_z_i=drop, drop_text=drop)
-
-                return diff_lib.sample_images(self.config.diffusion, self.sample_schedule, model_fn,
-                                              (b, self.side, self.side, 3), rng, guided_fn=cond_uncond,
-                                              guidance_scale=guidance_scale)
-
-            self._samplers[key] = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
+            body = self.sample_body(guidance_scale=guidance_scale)
+            self._samplers[key] = jax.jit(body, out_shardings=NamedSharding(mesh, jax.P()))
         return self._samplers[key]
+
+    def _schedule_for(self, steps) -> Any:
+        return self.sample_schedule if steps is None else self.schedule.respace(steps)
+
+    def guided_model_fn(self, params, z_i: jax.Array, tokens: jax.Array, guidance_scale: float, *,
+                        drop_text: bool = False):
+        """The model function `(x_t, t) -> output` the samplers call: guided when the scale is not 1.
+
+        The conditional half sees z_i [B, D] and the caption tokens [B, L] (or the caption's learned
+        null with `drop_text`, as for an image without a caption); the unconditional half neither.
+        """
+        batch = {"z_i": z_i, "tokens": tokens}
+        b = z_i.shape[0]
+        text_off = jnp.full((b,), bool(drop_text))
+
+        def model_fn(x, t):
+            return self.model.apply({"params": params}, x, t,
+                                    **self._conditioning(batch, None, text_off if drop_text else None))
+
+        if guidance_scale == 1:
+            return model_fn
+
+        def cond_uncond(x, t):
+            two = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
+            drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+            return self.model.apply({"params": params}, x, t,
+                                    **self._conditioning(two, drop, jnp.concatenate([text_off, drop[b:]])))
+
+        return samplers.guided(cond_uncond, guidance_scale,
+                               learned_variance=bool(self.config.diffusion.learned_variance))
+
+    def sample_body(self, *, guidance_scale: float, sampler: str | None = None, steps=None,
+                    eta: float | None = None, drop_text: bool = False):
+        """The un-jitted sampler `(params, z_i [B, D], tokens [B, L], rng, x_T=None) -> x_0`.
+
+        x_0: float32 [B, side, side, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec) and
+        `eta` (DDIM only) default to the config's; `x_T` [B, side, side, 3] replaces the drawn noise;
+        `drop_text` conditions on z_i alone (see `guided_model_fn`).
+        """
+        diff = self.config.diffusion
+        name = sampler or diff.sampler
+        schedule = self._schedule_for(steps)
+        extra = {"eta": float(diff.get("eta", 0.0) if eta is None else eta)} if name == "ddim" else {}
+
+        def sample(params, z_i, tokens, rng, x_T=None):
+            model_fn = self.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=drop_text)
+            b = z_i.shape[0]
+            return diff_lib.sample_images(diff, schedule, model_fn, (b, self.side, self.side, 3), rng,
+                                          sampler=name, x_T=x_T, **extra)
+
+        return sample
+
+    def invert_body(self, *, guidance_scale: float = 1.0, steps=None, num_fixed_point_iters: int = 0,
+                    drop_text: bool = False):
+        """Un-jitted DDIM inversion `(params, x_0 [B, side, side, 3] in [-1, 1], z_i, tokens) -> x_T`.
+
+        Inverts with the same (guided) model and step schedule that DDIM sampling with these
+        settings uses, so DDIM at eta = 0 from the returned x_T reconstructs x_0 (exactly as
+        `num_fixed_point_iters` grows; see `samplers.ddim_invert`).
+        """
+        diff = self.config.diffusion
+        schedule = self._schedule_for(steps)
+
+        def invert(params, x0, z_i, tokens):
+            model_fn = self.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=drop_text)
+            return samplers.ddim_invert(model_fn, schedule, x0, param=diff.param, clip_x0=1.0,
+                                        learned_variance=bool(diff.learned_variance),
+                                        num_fixed_point_iters=num_fixed_point_iters)
+
+        return invert
 
     def decode(self, params, mesh: Mesh, z_i: np.ndarray, tokens: np.ndarray, rng: jax.Array,
                guidance_scale: float | None = None) -> np.ndarray:

@@ -118,9 +118,19 @@ class PriorTask(Task):
     def sample_fn(self, mesh: Mesh, *, guidance_scale: float, best_of: int, sampler: str):
         """A jitted `(params, z_t, text_hidden, tokens, rng) -> z_i` (unit vectors [B, D])."""
         key = (mesh, float(guidance_scale), int(best_of), sampler)
-        if key in self._samplers:
-            return self._samplers[key]
+        if key not in self._samplers:
+            body = self.sample_body(guidance_scale=guidance_scale, best_of=best_of, sampler=sampler)
+            self._samplers[key] = jax.jit(body, out_shardings=NamedSharding(mesh, jax.P()))
+        return self._samplers[key]
+
+    def sample_body(self, *, guidance_scale: float, best_of: int, sampler: str, steps=None):
+        """The un-jitted sampler `(params, z_t [B, D], text_hidden [B, L, W], tokens [B, L], rng) -> z_i`.
+
+        z_i: unit vectors [B, D], the best of `best_of` candidates per caption. `steps` (a
+        respacing spec of the training schedule) defaults to the config's `sample_steps`.
+        """
         eot = self.eot_token_id
+        schedule = self.sample_schedule if steps is None else self.schedule.respace(steps)
 
         def sample(params, z_t, text_hidden, tokens, rng):
             b = z_t.shape[0]
@@ -140,14 +150,12 @@ class PriorTask(Task):
                 prefix = apply(self.model.encode_prefix, two(z_t_s), two(hidden), two(mask), drop)
                 model_fn = samplers.guided(lambda x, t: apply(self.model.denoise, prefix, x, t),
                                            guidance_scale)
-            x0 = samplers.sample(sampler, model_fn, self.sample_schedule, (n, self.embed_dim), rng,
+            x0 = samplers.sample(sampler, model_fn, schedule, (n, self.embed_dim), rng,
                                  param="x0", clip_x0=None)
             z = x0 / jnp.linalg.norm(x0, axis=-1, keepdims=True)
             return best_of_k(z.reshape(b, best_of, -1), z_t)
 
-        fn = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
-        self._samplers[key] = fn
-        return fn
+        return sample
 
     def sample_z_i(self, params, mesh: Mesh, records: Mapping[str, np.ndarray], rng: jax.Array, *,
                    guidance_scale: float | None = None, best_of: int | None = None) -> np.ndarray:

@@ -75,21 +75,36 @@ class UpsamplerTask(Task):
             num_threads=data.num_threads, with_index=True)
 
     # ------------------------------------------------------------------ sampling and evaluation
+    def sample_body(self, *, sampler: str | None = None, steps=None, eta: float | None = None):
+        """The un-jitted sampler `(params, low_res uint8 [B, h, w, 3], rng, x_T=None) -> x_0`.
+
+        x_0: float32 [B, h * scale, w * scale, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec)
+        and `eta` (DDIM only) default to the config's; `x_T` replaces the drawn noise.
+        """
+        diff = self.config.diffusion
+        name = sampler or diff.sampler
+        schedule = self.sample_schedule if steps is None else self.schedule.respace(steps)
+        extra = {"eta": float(diff.get("eta", 0.0) if eta is None else eta)} if name == "ddim" else {}
+
+        def sample(params, low_res, rng, x_T=None):
+            cond = diff_lib.to_model_range(low_res)
+
+            def model_fn(x, t):
+                return self.model.apply({"params": params}, x, t, low_res=cond)
+
+            b, h, w = low_res.shape[:3]
+            shape = (b, h * self.scale, w * self.scale, 3)
+            return diff_lib.sample_images(diff, schedule, model_fn, shape, rng, sampler=name, x_T=x_T,
+                                          **extra)
+
+        return sample
+
     def upsample(self, params, mesh: Mesh, low: np.ndarray, rng: jax.Array) -> np.ndarray:
         """uint8 low-res [N, h, w, 3] -> uint8 [N, h * scale, w * scale, 3]."""
         h, w = low.shape[1], low.shape[2]
         key = (mesh, h, w)
         if key not in self._samplers:
-            def sample(params, low_res, rng):
-                cond = diff_lib.to_model_range(low_res)
-
-                def model_fn(x, t):
-                    return self.model.apply({"params": params}, x, t, low_res=cond)
-
-                shape = (low_res.shape[0], h * self.scale, w * self.scale, 3)
-                return diff_lib.sample_images(self.config.diffusion, self.sample_schedule, model_fn, shape, rng)
-
-            self._samplers[key] = jax.jit(sample, out_shardings=NamedSharding(mesh, jax.P()))
+            self._samplers[key] = jax.jit(self.sample_body(), out_shardings=NamedSharding(mesh, jax.P()))
         sampler = self._samplers[key]
         upsampled = parallel.map_batches(lambda i, chunk: sampler(params, chunk, jax.random.fold_in(rng, i)),
                                          [low], mesh, self.config.eval.batch_size)

@@ -1,0 +1,100 @@
+"""The decoder at a fixed size: parameters, GFLOPs, training images/s, compile time, sampling seconds.
+
+  python benchmarks/decoder.py [--steps 10] [--dtype float32]
+
+Fixed config (the size the PyTorch reference figures in the issue were measured at): 64 px,
+base channels 64, channel multipliers (1, 2, 4), 2 residual blocks per level, attention (heads of
+64 channels) at 16 px, the middle block included (with three levels the resolutions are 64, 32 and
+16 px, so the issue's "16 and 8 px" can only mean 16 px), z_i of dim 256 added to the timestep
+embedding and projected into 4 context tokens, no text pathway, learned variance with the hybrid
+loss, batch 8, AdamW: the real `DecoderTask` train step (EMA, clipping included).
+Sampling: 4 images, 50 DDIM steps, classifier-free guidance 3.0 (conditional and unconditional
+halves in one batch of 8). Data is random (throughput does not depend on it). Prints one JSON object.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from configs import shapes  # noqa: E402
+from unclip_jax import parallel  # noqa: E402
+from unclip_jax.tasks import decoder as decoder_task  # noqa: E402
+from unclip_jax.train import loop  # noqa: E402
+
+flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step).")
+flags.DEFINE_integer("sample_repeats", 2, "Timed sampling calls (after one compiling call).")
+flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
+flags.DEFINE_bool("remat", False, "Rematerialise every block in the backward pass.")
+FLAGS = flags.FLAGS
+
+SIDE, D, L, BATCH, NUM_SAMPLES, STEPS, GUIDANCE = 64, 256, 77, 8, 4, 50, 3.0
+
+
+def fixed_config():
+    config = shapes.get_config("decoder")
+    with config.unlocked():
+        m = config.model
+        m.image_size, m.base_channels, m.channel_mult = SIDE, 64, (1, 2, 4)
+        m.num_res_blocks, m.attention_resolutions, m.head_channels = 2, (16,), 64
+        m.text_depth, m.dtype, m.remat = 0, FLAGS.dtype, FLAGS.remat
+        config.diffusion.learned_variance = True
+        config.diffusion.sampler, config.diffusion.sample_steps = "ddim", STEPS
+        config.train.batch_size = BATCH
+        config.eval.batch_size = NUM_SAMPLES
+        config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
+    return config
+
+
+def random_batch(n, rng):
+    z = rng.normal(size=(n, D))
+    return {"image": rng.integers(0, 256, size=(n, SIDE, SIDE, 3)).astype(np.uint8),
+            "z_i": (z / np.linalg.norm(z, axis=-1, keepdims=True)).astype(np.float32),
+            "tokens": rng.integers(1, 1000, size=(n, L)).astype(np.int32)}
+
+
+def main(_):
+    config = fixed_config()
+    task = decoder_task.DecoderTask.from_dims(config, tempfile.mkdtemp(prefix="bench_decoder_"),
+                                              clip_dim=D, text_length=L, vocab_size=1024,
+                                              eot_token_id=1023)
+    mesh = parallel.mesh_from_config(config.mesh)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
+        batch = parallel.global_batch_from_local(random_batch(BATCH, rng), mesh)
+        timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
+        params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(0))
+        cond = random_batch(NUM_SAMPLES, rng)
+        sample = lambda seed: task.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
+                                          jax.random.key(seed), guidance_scale=GUIDANCE)
+        t0 = time.perf_counter()
+        sample(0)
+        first = time.perf_counter() - t0
+        times = []
+        for i in range(FLAGS.sample_repeats):
+            t0 = time.perf_counter()
+            sample(i + 1)
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({
+        "benchmark": "decoder", "image_size": SIDE, "base_channels": 64, "channel_mult": [1, 2, 4],
+        "num_res_blocks": 2, "attention_resolutions": [16], "clip_dim": D, "text_pathway": False,
+        "learned_variance": True, "batch_size": BATCH, "activation_dtype": FLAGS.dtype,
+        "remat": FLAGS.remat, **timings,
+        "train_images_per_sec": timings["examples_per_sec_step_only"],
+        "sampling": {"images": NUM_SAMPLES, "sampler": "ddim", "steps": STEPS,
+                     "guidance_scale": GUIDANCE,
+                     "seconds_first_call_with_compile": round(first, 2),
+                     "seconds": round(float(np.median(times)), 3)},
+        **common.machine_info()}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,46 @@
+"""The unCLIP pipeline over the embedded shapes stages (what `sample.py` loads by default).
+
+Usage: `python sample.py --config configs/pipeline_shapes.py --prompt "a large red circle in the
+center on a white background"`. Each stage is a `train.py` workdir (configs/shapes.py variants);
+any field can be overridden on the command line, e.g. `--config.decoder.guidance_scale=2`,
+`--config.upsampler_workdirs='()'` (stop at the decoder's 32 px). Sampling fields left unset
+(None) take the stage's own config value.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"configs/pipeline_shapes.py takes no variant, got {arg!r}")
+    c = ml_collections.ConfigDict()
+    c.clip_workdir = "runs/shapes_clip"  # The trained CLIP (tokenizer, text and image encoders).
+    c.prior_workdir = "runs/shapes_prior"  # The trained diffusion prior.
+    c.decoder_workdir = "runs/shapes_decoder"  # The trained decoder (32 px).
+    c.upsampler_workdirs = ("runs/shapes_upsampler",)  # Upsamplers in order (32 -> 128 px); () for none.
+    c.params = "ema"  # Which params of each checkpoint: ema | params.
+
+    c.prior = ml_collections.ConfigDict()
+    c.prior.guidance_scale = config_dict.placeholder(float)  # Classifier-free guidance (None: the prior config's).
+    c.prior.best_of = config_dict.placeholder(int)  # Candidates per caption, the one closest to z_t kept (paper: 2).
+    c.prior.sampler = config_dict.placeholder(str)  # ddpm | ddim | dpm++2m.
+    c.prior.steps = config_dict.placeholder(str)  # Sampling steps: "64", "ddim25", "10,10,3,2,2".
+
+    c.decoder = ml_collections.ConfigDict()
+    c.decoder.guidance_scale = config_dict.placeholder(float)  # Classifier-free guidance on z_i and caption.
+    c.decoder.sampler = config_dict.placeholder(str)  # ddpm | ddim | dpm++2m.
+    c.decoder.steps = config_dict.placeholder(str)  # Sampling steps (respacing spec).
+    c.decoder.eta = config_dict.placeholder(float)  # DDIM stochasticity (ddim only).
+
+    c.upsampler = ml_collections.ConfigDict()  # Applies to every upsampler.
+    c.upsampler.sampler = config_dict.placeholder(str)  # ddpm | ddim | dpm++2m.
+    c.upsampler.steps = config_dict.placeholder(str)  # Sampling steps (respacing spec).
+    c.upsampler.eta = config_dict.placeholder(float)  # DDIM stochasticity (ddim only).
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor): sampling is data parallel.
+    c.mesh.num_devices = 0  # Use only the first N devices (0: all).
+    c.lock()
+    return c

@@ -1,0 +1,567 @@
+"""unCLIP end to end: caption -> CLIP z_t -> prior -> z_i -> decoder -> upsampler(s) -> images.
+
+    pipe = UnCLIPPipeline.from_config(configs.pipeline_shapes.get_config())
+    out = pipe.generate(["a large red circle in the center on a white background"], seed=0,
+                        num_per_prompt=4)
+    out.images  # uint8 [4, 128, 128, 3]
+
+The stages are `train.py` workdirs restored with their EMA params onto one mesh (or
+`restore.Trained` objects given directly). Every stage runs as one compiled program per setting
+(cached), over batches of rows sharded along the mesh's data axes (`parallel.map_batches`). The
+programs reuse the tasks' samplers (`PriorTask.sample_body`, `DecoderTask.sample_body`,
+`UpsamplerTask.sample_body`).
+
+Seeds: row r of a request (prompt p, sample k) gets the key fold_in(fold_in(key(seed), p), k)
+(`row_keys`), and each stage folds its own id into it. Each stage program is `jax.vmap`ped over
+rows with `spmd_axis_name` set to the data axes (the rows stay sharded), so every row draws its own
+noise: sample k of prompt p depends only on (seed, p, k) and the settings, never on the batch size
+or on the other rows (up to float reassociation between differently sized programs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unclip_jax import parallel
+from unclip_jax.data import images as image_lib
+from unclip_jax.tasks import clip as clip_task
+from unclip_jax.tasks import decoder as decoder_task
+from unclip_jax.tasks import prior as prior_task
+from unclip_jax.tasks import upsampler as upsampler_task
+from unclip_jax.train import checkpointing, restore
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+DATA_AXES = ("data", "fsdp")
+# Stage ids folded into a row's key (upsampler j uses UPSAMPLER_STREAM + j).
+PRIOR_STREAM, DECODER_STREAM, UPSAMPLER_STREAM = 0, 1, 2
+
+
+class StageError(ValueError):
+    """A pipeline stage's workdir holds the wrong stage or a checkpoint that does not fit the others."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+def _check_sampler(stage: str, sampler: str | None) -> None:
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"{stage}.sampler={sampler!r}: expected one of {list(SAMPLERS)}")
+
+
+def _check_steps(stage: str, steps) -> None:
+    if steps is None:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, (int, str, np.integer)) or (
+            not isinstance(steps, str) and steps < 1) or (isinstance(steps, str) and not steps.strip()):
+        raise ValueError(f"{stage}.steps={steps!r}: expected a positive int or a respacing spec "
+                         "string like '50', 'ddim25' or '10,10,3,2,2'")
+
+
+def _steps(value):
+    """Config strings that are plain integers become ints (the respacing accepts both)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value
+
+
+def _check_non_negative(name: str, value) -> None:
+    if value is not None and not float(value) >= 0:
+        raise ValueError(f"{name}={value!r}: expected a number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorSettings:
+    """Prior sampling; None = the prior config's value. steps: an int or a respacing spec."""
+
+    guidance_scale: float | None = None
+    best_of: int | None = None
+    sampler: str | None = None
+    steps: int | str | None = None
+
+    def __post_init__(self):
+        _check_non_negative("prior.guidance_scale", self.guidance_scale)
+        if self.best_of is not None and (isinstance(self.best_of, bool) or int(self.best_of) < 1):
+            raise ValueError(f"prior.best_of={self.best_of!r}: expected an int >= 1")
+        _check_sampler("prior", self.sampler)
+        _check_steps("prior", self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSettings:
+    """Decoder sampling; None = the decoder config's value. eta: DDIM stochasticity (ddim only)."""
+
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    steps: int | str | None = None
+    eta: float | None = None
+
+    def __post_init__(self):
+        _check_non_negative("decoder.guidance_scale", self.guidance_scale)
+        _check_sampler("decoder", self.sampler)
+        _check_steps("decoder", self.steps)
+        _check_non_negative("decoder.eta", self.eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsamplerSettings:
+    """Sampling of every upsampler; None = each upsampler config's value."""
+
+    sampler: str | None = None
+    steps: int | str | None = None
+    eta: float | None = None
+
+    def __post_init__(self):
+        _check_sampler("upsampler", self.sampler)
+        _check_steps("upsampler", self.steps)
+        _check_non_negative("upsampler.eta", self.eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Sampling settings of the whole cascade (unset fields take the stages' config values)."""
+
+    prior: PriorSettings = PriorSettings()
+    decoder: DecoderSettings = DecoderSettings()
+    upsampler: UpsamplerSettings = UpsamplerSettings()
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Settings":
+        """From a pipeline config's `prior`, `decoder` and `upsampler` blocks (None = stage default)."""
+        def block(name, kind):
+            sub = config.get(name)
+            if sub is None:
+                return kind()
+            values = {f.name: sub.get(f.name) for f in dataclasses.fields(kind)}
+            if "steps" in values:
+                values["steps"] = _steps(values["steps"])
+            return kind(**values)
+
+        return cls(block("prior", PriorSettings), block("decoder", DecoderSettings),
+                   block("upsampler", UpsamplerSettings))
+
+
+def resolve(settings, diffusion: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Concrete values of a stage's settings (`PriorSettings`, ...): the stage config's where unset."""
+    out = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is None:
+            default = {"steps": "sample_steps"}.get(f.name, f.name)
+            value = diffusion.get(default, 0.0 if f.name == "eta" else None)
+        out[f.name] = value
+    if "steps" in out:
+        out["steps"] = _steps(out["steps"])
+    if out.get("sampler") != "ddim" and "eta" in out:
+        out["eta"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and outputs
+# ---------------------------------------------------------------------------------------------
+def row_keys(seed: int, prompt_indices: Sequence[int], sample_indices: Sequence[int]) -> np.ndarray:
+    """Raw key data [N, key_words] uint32 of rows (prompt p, sample k): fold_in(fold_in(key(seed), p), k)."""
+    p = np.asarray(prompt_indices, np.uint32).reshape(-1)
+    k = np.asarray(sample_indices, np.uint32).reshape(-1)
+    if p.shape != k.shape:
+        raise ValueError(f"got {p.size} prompt indices but {k.size} sample indices")
+    base = jax.random.key(int(seed))
+    fn = jax.vmap(lambda a, b: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(base, a), b)))
+    return np.asarray(fn(p, k))
+
+
+@dataclasses.dataclass
+class Samples:
+    """Rows of a `generate` call, prompt-major: row = prompt * num_per_prompt + sample.
+
+    images: uint8 [N, S, S, 3] (after the last upsampler); base_images: uint8 [N, s, s, 3] (the
+    decoder's); z_i: unit [N, D]; captions, prompt_index, sample_index: per row.
+    """
+
+    images: np.ndarray
+    base_images: np.ndarray
+    z_i: np.ndarray
+    captions: list[str]
+    prompt_index: np.ndarray
+    sample_index: np.ndarray
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """float [-1, 1] -> uint8 (rounded, clipped), on device."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def _stage_error(stage: str, workdir: str, message: str) -> StageError:
+    return StageError(f"pipeline stage {stage!r} (workdir {workdir}): {message}")
+
+
+def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str = "ema") -> restore.Trained:
+    """`restore.load_trained` with errors naming the pipeline stage and its workdir.
+
+    Raises:
+      restore.NotTrainedError: the workdir, its config or its checkpoint is missing.
+      StageError: the workdir trained another stage, or its checkpoint (or the CLIP cache it
+        needs) does not fit its config.
+    """
+    expected = "upsampler" if stage.startswith("upsampler") else stage
+    if not workdir:
+        raise _stage_error(stage, repr(workdir), "no workdir given: set it in the pipeline config")
+    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    stored = checkpointing.load_config(workdir) if os.path.isdir(workdir) else None
+    if stored is not None and stored.get("stage") != expected:
+        raise _stage_error(stage, workdir, f"it holds a trained {stored.get('stage')!r} stage, "
+                                           f"not a {expected!r}: check the pipeline config")
+    try:
+        return restore.load_trained(workdir, mesh=mesh, which=which)
+    except restore.NotTrainedError as e:
+        raise restore.NotTrainedError(f"pipeline stage {stage!r}: {e}") from e
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise _stage_error(stage, workdir, f"cannot be loaded: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+class UnCLIPPipeline:
+    """The unCLIP cascade over trained stages, sampling in sharded batches of `batch_size` rows."""
+
+    def __init__(self, clip: restore.Trained, prior: restore.Trained, decoder: restore.Trained,
+                 upsamplers: Sequence[restore.Trained] = (), *, mesh: Mesh | None = None,
+                 batch_size: int = 64, settings: Settings | None = None):
+        """Joins trained stages (see `load_stage`); their params must live on `mesh` (default: the CLIP's)."""
+        self.clip, self.prior, self.decoder = clip, prior, decoder
+        self.upsamplers = list(upsamplers)
+        self.mesh = mesh if mesh is not None else clip.mesh
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+        self.batch_size = int(batch_size)
+        self.settings = settings or Settings()
+        self._check_stages()
+        self._programs: dict[tuple, Callable] = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_workdirs(cls, clip: str, prior: str, decoder: str, upsamplers: Sequence[str] = (), *,
+                      mesh: Mesh | None = None, which: str = "ema", batch_size: int = 64,
+                      settings: Settings | None = None) -> "UnCLIPPipeline":
+        """Loads every stage's `which` params ("ema") from its workdir onto `mesh` (default: all devices)."""
+        mesh = mesh if mesh is not None else parallel.make_mesh((-1, 1, 1))
+        stages = [load_stage(name, w, mesh=mesh, which=which)
+                  for name, w in (("clip", clip), ("prior", prior), ("decoder", decoder))]
+        ups = [load_stage(f"upsampler{j}", w, mesh=mesh, which=which) for j, w in enumerate(upsamplers)]
+        return cls(*stages, ups, mesh=mesh, batch_size=batch_size, settings=settings)
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, *, batch_size: int = 64) -> "UnCLIPPipeline":
+        """From a pipeline config (see configs/pipeline_shapes.py): workdirs, params, mesh, settings."""
+        mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
+        return cls.from_workdirs(config.clip_workdir, config.prior_workdir, config.decoder_workdir,
+                                 tuple(config.upsampler_workdirs), mesh=mesh,
+                                 which=config.get("params", "ema"), batch_size=batch_size,
+                                 settings=Settings.from_config(config))
+
+    def _check_stages(self):
+        def fail(stage, trained, message):
+            raise _stage_error(stage, trained.task.workdir, message)
+
+        for stage, trained, kind in (("clip", self.clip, clip_task.ClipTask),
+                                     ("prior", self.prior, prior_task.PriorTask),
+                                     ("decoder", self.decoder, decoder_task.DecoderTask),
+                                     *((f"upsampler{j}", u, upsampler_task.UpsamplerTask)
+                                       for j, u in enumerate(self.upsamplers))):
+            if not isinstance(trained.task, kind):
+                fail(stage, trained, f"expected a trained {kind.__name__}, got stage "
+                                     f"{trained.config.get('stage')!r}")
+        model = self.clip.task.model
+        dims = {"embed_dim": int(model.embed_dim), "text_length": int(model.context_length),
+                "text_width": int(model.text_width)}
+        prior = self.prior.task
+        got = {"embed_dim": prior.embed_dim, "text_length": prior.text_length, "text_width": prior.text_width}
+        if got != dims:
+            fail("prior", self.prior, f"trained on a CLIP with {got}, but the pipeline's CLIP "
+                                      f"({self.clip.task.workdir}) has {dims}")
+        dec = self.decoder.task
+        got = {"embed_dim": dec.clip_dim, "text_length": dec.text_length}
+        want = {k: dims[k] for k in got}
+        if got != want:
+            fail("decoder", self.decoder, f"trained on a CLIP with {got}, but the pipeline's CLIP "
+                                          f"({self.clip.task.workdir}) has {want}")
+        clip_dir = os.path.abspath(self.clip.task.workdir)
+        for stage, trained in (("prior", self.prior), ("decoder", self.decoder)):
+            theirs = os.path.abspath(os.path.expanduser(trained.config.get("clip_workdir", clip_dir)))
+            if theirs != clip_dir:
+                logging.warning("pipeline stage %r was trained on the CLIP of %s, not %s: the "
+                                "embedding spaces must be the same", stage, theirs, clip_dir)
+        side = dec.side
+        for j, up in enumerate(self.upsamplers):
+            low = up.task.side // up.task.scale
+            if low != side:
+                fail(f"upsampler{j}", up, f"upsamples {low} px images to {up.task.side} px, but "
+                                          f"its input here is {side} px")
+            side = up.task.side
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self):
+        """The CLIP's tokenizer (captions -> int32 [N, context_length])."""
+        return self.clip.task.tokenizer
+
+    @property
+    def base_size(self) -> int:
+        """Side of the decoder's images (px)."""
+        return int(self.decoder.task.side)
+
+    @property
+    def image_size(self) -> int:
+        """Side of the final images (px)."""
+        return int(self.upsamplers[-1].task.side) if self.upsamplers else self.base_size
+
+    def resolved_settings(self, settings: Settings | None = None) -> dict[str, Any]:
+        """The concrete settings every stage samples with, and each stage's workdir and step (JSON)."""
+        s = settings or self.settings
+        stages = [("clip", self.clip), ("prior", self.prior), ("decoder", self.decoder),
+                  *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))]
+        return {
+            "stages": {name: {"workdir": os.path.abspath(t.task.workdir), "step": int(t.step),
+                              "params": t.which} for name, t in stages},
+            "prior": resolve(s.prior, self.prior.config.diffusion),
+            "decoder": resolve(s.decoder, self.decoder.config.diffusion),
+            "upsamplers": [resolve(s.upsampler, u.config.diffusion) for u in self.upsamplers],
+        }
+
+    # ------------------------------------------------------------------ programs
+    def program(self, key: tuple, trained: restore.Trained, build: Callable[[], Callable]) -> Callable:
+        """A cached jitted per-row program `(params, keys [B, k], *inputs [B, ...]) -> [B, ...]`.
+
+        `build()` returns `f(params, rng, *rows)` on a batch of ONE row; the program vmaps it over
+        rows (sharded over the data axes) under the stage's logical-axis rules, with the batch axis
+        of the model's own activations unsharded (it has one row). `key[1]` is the stream id folded
+        into each row's key; the rest of `key` names the settings the program was built for.
+        """
+        if key in self._programs:
+            return self._programs[key]
+        body = build()
+        stream = key[1]
+
+        def program(params, keys, *inputs):
+            def one(raw_key, *row):
+                rng = jax.random.fold_in(jax.random.wrap_key_data(raw_key), stream)
+                out = body(params, rng, *(x[None] for x in row))
+                return jax.tree.map(lambda o: o[0], out)
+
+            return jax.vmap(one, spmd_axis_name=DATA_AXES)(keys, *inputs)
+
+        jitted = jax.jit(program, out_shardings=NamedSharding(self.mesh, P()))
+        rules = (("act_batch", None),) + tuple(trained.rules)
+
+        def run(*args):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+                return jitted(*args)
+
+        self._programs[key] = run
+        return run
+
+    def map_rows(self, program: Callable, params, keys: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        """Runs a `program` over host rows (keys [N, k] uint32, inputs [N, ...]) in sharded batches."""
+        return parallel.map_batches(lambda _, k, *chunk: program(params, k, *chunk),
+                                    [np.asarray(keys)] + [np.asarray(x) for x in inputs], self.mesh,
+                                    self.batch_size)
+
+    # ------------------------------------------------------------------ stages
+    def tokenize(self, captions: Sequence[str]) -> np.ndarray:
+        """Captions -> int32 tokens [N, L]; over-long captions are truncated (end-of-text token kept
+        last) with a warning from the tokenizer."""
+        return self.tokenizer(list(captions))
+
+    def encode_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens int32 [N, L] -> (unit z_t [N, D], CLIP text hidden states float32 [N, L, W]).
+
+        (The two outputs travel through `map_batches` as one [N, D + L * W] array.)"""
+        if ("clip_text",) not in self._programs:
+            model = self.clip.task.model
+
+            def encode(params, tokens):
+                return model.apply({"params": params}, tokens, return_hidden=True, method=model.encode_text)
+
+            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
+
+            def run(params, tokens):
+                with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
+                    z_t, hidden = jitted(params, tokens)
+                return np.concatenate([np.asarray(z_t), np.asarray(hidden).reshape(len(z_t), -1)], 1)
+
+            self._programs[("clip_text",)] = run
+        run = self._programs[("clip_text",)]
+        out = parallel.map_batches(lambda _, t: run(self.clip.params, t), [np.asarray(tokens, np.int32)],
+                                   self.mesh, self.batch_size)
+        d = int(self.clip.task.model.embed_dim)
+        return out[:, :d], out[:, d:].reshape(len(out), tokens.shape[1], -1)
+
+    def encode_image(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]."""
+        images = resize(check_images(images), self.clip.task.side)
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
+            return self.clip.task.embed(self.clip.params, self.mesh, images=images)
+
+    def sample_z_i(self, z_t: np.ndarray, text_hidden: np.ndarray, tokens: np.ndarray, keys: np.ndarray,
+                   settings: PriorSettings | None = None) -> np.ndarray:
+        """The prior: unit z_i [N, D] from z_t [N, D], text hidden [N, L, W], tokens [N, L], row keys."""
+        s = resolve(settings or self.settings.prior, self.prior.config.diffusion)
+        task = self.prior.task
+        key = ("prior", PRIOR_STREAM, s["guidance_scale"], s["best_of"], s["sampler"], s["steps"])
+
+        def build():
+            body = task.sample_body(guidance_scale=float(s["guidance_scale"]), best_of=int(s["best_of"]),
+                                    sampler=s["sampler"], steps=s["steps"])
+            return lambda params, rng, z_t, hidden, tok: body(params, z_t, hidden, tok, rng)
+
+        return self.map_rows(self.program(key, self.prior, build), self.prior.params, keys,
+                         [z_t.astype(np.float32), text_hidden.astype(np.float32), tokens])
+
+    def decode(self, z_i: np.ndarray, tokens: np.ndarray | None, keys: np.ndarray,
+               settings: DecoderSettings | None = None, *, x_T: np.ndarray | None = None) -> np.ndarray:
+        """The decoder: uint8 images [N, s, s, 3] from unit z_i [N, D] and caption tokens [N, L].
+
+        tokens=None conditions on z_i alone (the caption dropped, as in the decoder's training).
+        x_T [N, s, s, 3] (e.g. from `invert`) replaces the initial noise.
+        """
+        s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
+        task = self.decoder.task
+        use_text = tokens is not None
+        if tokens is None:
+            tokens = np.zeros((len(z_i), task.text_length), np.int32)
+        key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], s["eta"],
+               use_text, x_T is not None)
+
+        def build():
+            body = task.sample_body(guidance_scale=float(s["guidance_scale"]), sampler=s["sampler"],
+                                    steps=s["steps"], eta=s["eta"], drop_text=not use_text)
+            return lambda params, rng, z, tok, *x: to_uint8(body(params, z, tok, rng, *x))
+
+        inputs = [np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)]
+        if x_T is not None:
+            inputs.append(np.asarray(x_T, np.float32))
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys, inputs)
+
+    def invert(self, images: np.ndarray, z_i: np.ndarray, tokens: np.ndarray | None,
+               settings: DecoderSettings | None = None, *, num_fixed_point_iters: int = 0) -> np.ndarray:
+        """DDIM inversion through the decoder: x_T float32 [N, s, s, 3] of uint8 images [N, s, s, 3].
+
+        Uses the decoder's guidance scale and steps of `settings` (and its caption conditioning:
+        tokens=None drops the caption), so `decode(..., x_T=x_T)` with DDIM at eta = 0 and the same
+        settings reconstructs the images.
+        """
+        images = check_images(images)
+        s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
+        task = self.decoder.task
+        images = resize(images, task.side)
+        use_text = tokens is not None
+        if tokens is None:
+            tokens = np.zeros((len(z_i), task.text_length), np.int32)
+        key = ("invert", DECODER_STREAM, s["guidance_scale"], s["steps"], use_text, int(num_fixed_point_iters))
+
+        def build():
+            body = task.invert_body(guidance_scale=float(s["guidance_scale"]), steps=s["steps"],
+                                    num_fixed_point_iters=int(num_fixed_point_iters), drop_text=not use_text)
+            return lambda params, rng, x, z, tok: body(params, x.astype(jnp.float32) / 127.5 - 1.0, z, tok)
+
+        keys = np.zeros((len(images), jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
+                         [images, np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)])
+
+    def upsample(self, images: np.ndarray, keys: np.ndarray, settings: UpsamplerSettings | None = None,
+                 *, stages: Sequence[int] | None = None) -> np.ndarray:
+        """Runs the upsamplers (all, or the indices `stages`) on uint8 images [N, s, s, 3]."""
+        images = np.asarray(images)
+        for j in (range(len(self.upsamplers)) if stages is None else stages):
+            up = self.upsamplers[j]
+            s = resolve(settings or self.settings.upsampler, up.config.diffusion)
+            key = ("upsampler", UPSAMPLER_STREAM + j, s["sampler"], s["steps"], s["eta"])
+
+            def build(up=up, s=s):
+                body = up.task.sample_body(sampler=s["sampler"], steps=s["steps"], eta=s["eta"])
+                return lambda params, rng, low: to_uint8(body(params, low, rng))
+
+            images = self.map_rows(self.program(key, up, build), up.params, keys, [images])
+        return images
+
+    # ------------------------------------------------------------------ end to end
+    def generate_rows(self, captions: Sequence[str], keys: np.ndarray, settings: Settings | None = None) -> Samples:
+        """Text -> images for rows (one caption and one key per row; see `row_keys`)."""
+        settings = settings or self.settings
+        captions = [str(c) for c in captions]
+        if len(captions) != len(keys):
+            raise ValueError(f"got {len(captions)} captions but {len(keys)} keys")
+        if not captions:
+            raise ValueError("captions is empty: give at least one caption")
+        unique = list(dict.fromkeys(captions))
+        index = np.array([unique.index(c) for c in captions])
+        tokens = self.tokenize(unique)
+        z_t, hidden = self.encode_text(tokens)
+        tokens, z_t, hidden = tokens[index], z_t[index], hidden[index]
+        z_i = self.sample_z_i(z_t, hidden, tokens, keys, settings.prior)
+        base = self.decode(z_i, tokens, keys, settings.decoder)
+        images = self.upsample(base, keys, settings.upsampler)
+        n = len(captions)
+        return Samples(images=images, base_images=base, z_i=z_i, captions=captions,
+                       prompt_index=np.full(n, -1), sample_index=np.full(n, -1))
+
+    def generate(self, prompts: Sequence[str], *, seed: int = 0, num_per_prompt: int = 1,
+                 settings: Settings | None = None) -> Samples:
+        """Samples `num_per_prompt` images per prompt; rows are prompt-major (see `Samples`)."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, got a single string; wrap it in a list")
+        if isinstance(num_per_prompt, bool) or int(num_per_prompt) < 1:
+            raise ValueError(f"num_per_prompt={num_per_prompt!r}: expected an int >= 1")
+        prompts = list(prompts)
+        p = np.repeat(np.arange(len(prompts)), num_per_prompt)
+        k = np.tile(np.arange(num_per_prompt), len(prompts))
+        out = self.generate_rows([prompts[i] for i in p], row_keys(seed, p, k), settings)
+        out.prompt_index, out.sample_index = p, k
+        return out
+
+
+def check_images(images) -> np.ndarray:
+    """uint8 [N, H, W, 3] (a single [H, W, 3] image becomes N = 1), with a clear error otherwise."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] with N >= 1, got {images.dtype} {list(images.shape)}")
+    return images
+
+
+def resize(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> [N, side, side, 3] (bicubic, antialiased; centre crop if not square)."""
+    if images.shape[1:3] == (side, side):
+        return images
+    return np.stack([image_lib.resize_center_crop(x, side) for x in images])
+
+
+def slerp(a: np.ndarray, b: np.ndarray, theta) -> np.ndarray:
+    """Spherical interpolation between a and b [..., D] at fractions theta (scalar or [...]).
+
+    sin((1 - theta) omega) / sin(omega) a + sin(theta omega) / sin(omega) b, omega the angle
+    between a and b (linear when they are parallel). Unit vectors stay unit vectors; for Gaussian
+    latents (flattened x_T) the norm stays about constant. Returns float32 [..., D].
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    theta = np.asarray(theta, np.float64)[..., None]
+    na, nb = np.linalg.norm(a, axis=-1, keepdims=True), np.linalg.norm(b, axis=-1, keepdims=True)
+    cos = np.clip(np.sum(a * b, -1, keepdims=True) / np.maximum(na * nb, 1e-12), -1.0, 1.0)
+    omega = np.arccos(cos)
+    so = np.sin(omega)
+    near = so < 1e-6
+    safe = np.where(near, 1.0, so)
+    wa = np.where(near, 1.0 - theta, np.sin((1.0 - theta) * omega) / safe)
+    wb = np.where(near, theta, np.sin(theta * omega) / safe)
+    return (wa * a + wb * b).astype(np.float32)
