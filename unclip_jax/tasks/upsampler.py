@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 from jax.sharding import Mesh, NamedSharding
 
 from unclip_jax import parallel
@@ -124,6 +125,9 @@ class UpsamplerTask(Task):
             high, low, captions = self._eval_examples(split)
             upsampled = self.upsample(params, mesh, low, jax.random.key(int(self.config.eval.seed)))
             results[f"eval/{split}/psnr_upsampled"] = diff_lib.psnr(upsampled, high)
+            bicubic = np.stack([np.asarray(Image.fromarray(x).resize(high.shape[1:3][::-1], Image.BICUBIC))
+                                for x in low])
+            results[f"eval/{split}/psnr_bicubic"] = diff_lib.psnr(bicubic, high)  # the baseline
             for name, images in (("low_res", low), ("upsampled", upsampled)):
                 scores = shapes_judge.judge_batch(images, captions)
                 results[f"eval/{split}/judge_exact_{name}"] = float(scores["exact"])
