@@ -3,7 +3,7 @@
 One module, `UNet`; its fields decide the role:
 
 - **Decoder** (Ramesh et al. 2022 §2.1, GLIDE §4.1): `clip_dim > 0` conditions on the CLIP image
-  embedding z_i, which is projected and ADDED to the timestep embedding and projected into
+  embedding z_i (times `clip_scale`, default sqrt(clip_dim): unit-variance entries), which is projected and ADDED to the timestep embedding and projected into
   `clip_tokens` (4) extra attention-context tokens. `text_depth > 0` adds GLIDE's text pathway: a
   transformer over caption tokens whose last real token is projected and added to the timestep
   embedding (GLIDE's replacement of the class embedding) and whose token sequence is the rest of
@@ -295,6 +295,7 @@ class UNet(nn.Module):
     low_res_resize: str = "bilinear"
     clip_dim: int = 0
     clip_tokens: int = 4
+    clip_scale: float = 0.0  # z_i times this before its projections; 0 = sqrt(clip_dim)
     text_vocab_size: int = 0
     text_length: int = 0
     text_width: int = 0
@@ -417,7 +418,10 @@ class UNet(nn.Module):
         """z_i [B, D] -> (emb term [B, E], context tokens [B, clip_tokens, context_width])."""
         null = self.param("null_z_i", _partitioned(nn.initializers.zeros, (None,)),
                           (self.clip_dim,), self.param_dtype)
-        z = z_i.astype(jnp.float32)
+        # A unit-norm z_i has entries of size ~1/sqrt(D): rescaled to unit variance, its projections
+        # start as strong as the timestep embedding instead of sqrt(D) times weaker.
+        scale = self.clip_scale or math.sqrt(self.clip_dim)
+        z = z_i.astype(jnp.float32) * scale
         if drop_z_i is not None:
             z = jnp.where(drop_z_i.astype(bool)[:, None], jnp.asarray(null, jnp.float32)[None], z)
         z = z.astype(self.dtype)
@@ -565,7 +569,7 @@ class UNet(nn.Module):
 _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
-           "low_res_resize", "clip_dim", "clip_tokens", "text_vocab_size", "text_length",
+           "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "text_vocab_size", "text_length",
            "text_width", "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
            "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
