@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts (each prints one JSON object)."""
 import os
 import platform
+import statistics
 import time
 
 import jax
@@ -53,3 +54,17 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
         jax.block_until_ready(m)
         out["examples_per_sec_with_input_pipeline"] = round(steps * batch_size / (time.perf_counter() - t0), 1)
     return out
+
+
+def time_calls(fn, repeats: int) -> dict:
+    """Times `fn(seed)`: the first call (seed 0, compile included), then the median of `repeats`."""
+    t0 = time.perf_counter()
+    fn(0)
+    first = time.perf_counter() - t0
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i + 1)
+        times.append(time.perf_counter() - t0)
+    return {"seconds_first_call_with_compile": round(first, 2),
+            "seconds": round(statistics.median(times), 3)}

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,14 +74,7 @@ def main(_):
         cond = random_batch(NUM_SAMPLES, rng)
         sample = lambda seed: task.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
                                           jax.random.key(seed), guidance_scale=GUIDANCE)
-        t0 = time.perf_counter()
-        sample(0)
-        first = time.perf_counter() - t0
-        times = []
-        for i in range(FLAGS.sample_repeats):
-            t0 = time.perf_counter()
-            sample(i + 1)
-            times.append(time.perf_counter() - t0)
+        sampling = common.time_calls(sample, FLAGS.sample_repeats)
     print(json.dumps({
         "benchmark": "decoder", "image_size": SIDE, "base_channels": 64, "channel_mult": [1, 2, 4],
         "num_res_blocks": 2, "attention_resolutions": [16], "clip_dim": D, "text_pathway": False,
@@ -91,8 +83,7 @@ def main(_):
         "train_images_per_sec": timings["examples_per_sec_step_only"],
         "sampling": {"images": NUM_SAMPLES, "sampler": "ddim", "steps": STEPS,
                      "guidance_scale": GUIDANCE,
-                     "seconds_first_call_with_compile": round(first, 2),
-                     "seconds": round(float(np.median(times)), 3)},
+                     **sampling},
         **common.machine_info()}, indent=2))
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,22 +71,14 @@ def main(_):
         records = random_records(NUM_SAMPLES, rng)
         sample = lambda seed: task.sample_z_i(params, mesh, records, jax.random.key(seed),  # noqa: E731
                                               guidance_scale=3.0, best_of=2)
-        t0 = time.perf_counter()
-        sample(0)
-        first = time.perf_counter() - t0
-        times = []
-        for i in range(FLAGS.sample_repeats):
-            t0 = time.perf_counter()
-            sample(i + 1)
-            times.append(time.perf_counter() - t0)
+        sampling = common.time_calls(sample, FLAGS.sample_repeats)
     print(json.dumps({
         "benchmark": "prior", "width": 256, "depth": 6, "heads": 8, "head_dim": 64, "embed_dim": D,
         "text_tokens": L, "batch_size": BATCH, "scan_layers": FLAGS.scan_layers,
         "remat_policy": FLAGS.remat_policy, "activation_dtype": FLAGS.dtype, **timings,
         "train_samples_per_sec": timings["examples_per_sec_step_only"],
         "sampling": {"captions": NUM_SAMPLES, "steps": 64, "guidance_scale": 3.0, "best_of": 2,
-                     "seconds_first_call_with_compile": round(first, 2),
-                     "seconds": round(float(np.median(times)), 3)},
+                     **sampling},
         **common.machine_info()}, indent=2))
 
 
