@@ -22,6 +22,8 @@ from unclip_jax.train import checkpointing, loop
 from unclip_jax.train import state as state_lib
 
 _WORKDIRS: dict[str, str] = {}
+# The tiny decoder's default guidance scale (what a pipeline resolves when none is given).
+DECODER_GUIDANCE = helpers.tiny_config("decoder").diffusion.guidance_scale
 
 
 def _random_leaf(path, leaf, rng: np.random.Generator) -> np.ndarray:
@@ -71,6 +73,12 @@ def tiny_stage_workdirs(tmp_path_factory) -> dict[str, str]:
         embed.build_clip_cache(clip, cache, num_examples=16, batch_size=16, chunk_size=16)
         for name in ("prior", "decoder"):
             config = helpers.tiny_config(name, (clip, cache))
+            if name == "decoder":
+                # Epsilon prediction: with a zeroed output conv (eps = 0) the DDIM ODE is an exact
+                # per-step scaling, which the inversion round-trip test relies on (with v = 0 the
+                # implied eps depends on x_t and inversion is only approximate).
+                with config.unlocked():
+                    config.diffusion.param = "eps"
             write_random_stage(config, str(root / name))
         write_random_stage(helpers.tiny_config("upsampler"), str(root / "upsampler"))
         _WORKDIRS.update({name: str(root / name) for name in ("clip", "prior", "decoder", "upsampler")})
