@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 from jax.sharding import Mesh, NamedSharding
 
 from unclip_jax import parallel
 from unclip_jax.data import degradations
+from unclip_jax.data import images as image_lib
 from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
@@ -125,8 +125,7 @@ class UpsamplerTask(Task):
             high, low, captions = self._eval_examples(split)
             upsampled = self.upsample(params, mesh, low, jax.random.key(int(self.config.eval.seed)))
             results[f"eval/{split}/psnr_upsampled"] = diff_lib.psnr(upsampled, high)
-            bicubic = np.stack([np.asarray(Image.fromarray(x).resize(high.shape[1:3][::-1], Image.BICUBIC))
-                                for x in low])
+            bicubic = np.stack([image_lib.resize_center_crop(x, high.shape[1]) for x in low])
             results[f"eval/{split}/psnr_bicubic"] = diff_lib.psnr(bicubic, high)  # the baseline
             for name, images in (("low_res", low), ("upsampled", upsampled)):
                 scores = shapes_judge.judge_batch(images, captions)
