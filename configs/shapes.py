@@ -200,6 +200,7 @@ def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple, im
     m.dropout = 0.0  # Dropout in residual blocks (paper: 0.1).
     m.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
     m.remat = False  # Rematerialise each block in the backward pass.
+    m.coord_channels = False  # Append pixel (x, y) to the input (CoordConv; not in the paper).
     m.num_timesteps = 1000  # Timestep embedding scale (1000-step model).
     if tiny:
         m.head_channels, m.num_groups = 8, 8
@@ -262,6 +263,7 @@ def upsampler_config(tiny: bool) -> ml_collections.ConfigDict:
                           res_blocks=1 if tiny else 2, attention=(), image_size=c.data.crop_size, tiny=tiny)
     c.diffusion = diffusion_config(learned_variance=False, sampler="ddim", sample_steps=5 if tiny else 27,
                                    guidance_scale=1.0)
+    c.diffusion.residual = False  # Diffuse high-res minus the resized input (SRDiff), not the image.
     c.train = train_config(
         batch_size=16 if tiny else 64, num_steps=10 if tiny else 3_000, learning_rate=3e-4,
         warmup_steps=2 if tiny else 200, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,

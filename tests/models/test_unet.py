@@ -14,7 +14,8 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import parallel
-from unclip_jax.models.unet import UNet, count_params, norm_groups, unet_from_config
+from unclip_jax.models.unet import (UNet, coordinate_channels, count_params, norm_groups,
+                                   unet_from_config)
 
 B, D, VOCAB, L = 4, 8, 50, 6
 DECODER = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
@@ -255,6 +256,26 @@ def test_unet_from_config():
     assert count_params(abstract) > 0 and "text_encoder" not in abstract["params"]
     with pytest.raises(ValueError, match="unknown size"):
         unet_from_config(cfg, width=3)
+
+
+def test_coordinate_channels_are_used_and_size_free(upsampler):
+    grid = np.asarray(coordinate_channels(2, 4, 8))
+    assert grid.shape == (2, 4, 8, 2)
+    np.testing.assert_allclose(grid[0, 0, :, 0], (np.arange(8) + 0.5) / 8 * 2 - 1)  # x: columns
+    np.testing.assert_allclose(grid[0, :, 0, 1], (np.arange(4) + 0.5) / 4 * 2 - 1)  # y: rows
+    assert np.all(grid[0] == grid[1])
+    model = UNet(**{**UPSAMPLER, "coord_channels": True})
+    x_t, t, low_res = _upsampler_inputs()
+    params = _random_params(model, x_t, t, low_res=low_res, seed=3)
+    kernel = params["params"]["input_conv"]["kernel"]
+    assert kernel.shape[2] == 3 + 3 + 2  # x_t, the low-res image, (x, y)
+    apply = jax.jit(lambda p, x, t, low: model.apply(p, x, t, low_res=low))
+    out = apply(params, x_t, t, low_res)
+    blind = jax.tree.map(lambda a: a, params)
+    blind["params"]["input_conv"]["kernel"] = kernel.at[:, :, 6:].set(0.0)
+    assert float(jnp.abs(out - apply(blind, x_t, t, low_res)).max()) > 1e-3
+    x_t, t, low_res = _upsampler_inputs(48, 12)
+    assert apply(params, x_t, t, low_res).shape == (B, 48, 48, 3)
 
 
 def test_norm_groups():

@@ -81,3 +81,27 @@ def test_upsampler_trains_on_crops_and_upsamples_full_images(tmp_path):
     assert result["eval/validation/psnr_upsampled"] > 0
     for key in ("judge_exact_low_res", "judge_exact_upsampled"):
         assert 0.0 <= result[f"eval/validation/{key}"] <= 1.0
+
+
+def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_path):
+    """`diffusion.residual`: the target is high-res minus the resized input, added back after
+    sampling, so a model that predicts x0 = 0 (a fresh one: zero-initialised output) upsamples to
+    exactly that resize, and a high-res image equal to it has a zero target."""
+    from unclip_jax.models import unet as unet_lib
+    from unclip_jax.tasks import upsampler as upsampler_task
+
+    config = config_for("upsampler")
+    with config.unlocked():
+        config.diffusion.residual, config.diffusion.param = True, "x0"
+    task = upsampler_task.UpsamplerTask(config, str(tmp_path))
+    params = loop.unbox(task.init_params(jax.random.key(0)))
+    low = jax.random.randint(jax.random.key(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
+    out = task.sample_body()(params, low, jax.random.key(2))
+    cond = low.astype(jnp.float32) / 127.5 - 1
+    resized = jnp.clip(unet_lib.resize_low_res(cond, 8 * task.scale, 8 * task.scale,
+                                               task.model.low_res_resize), -1, 1)
+    np.testing.assert_allclose(out, resized, atol=1e-5)
+    with config.unlocked():
+        config.diffusion.residual = False
+    plain = upsampler_task.UpsamplerTask(config, str(tmp_path)).sample_body()(params, low, jax.random.key(2))
+    np.testing.assert_allclose(plain, 0.0, atol=1e-5)  # the image itself: the zero model's x0

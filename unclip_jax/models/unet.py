@@ -14,6 +14,9 @@ One module, `UNet`; its fields decide the role:
   concatenated on channels, so the same params run at any size divisible by 2^(levels - 1)
   (trained on crops, sampled at full size).
 - `clip_dim=0` and `text_depth=0` with `low_res_conditioning=False` is an unconditional UNet.
+- `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
+  layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
+  instead of being inferred from the zero padding.
 
 Classifier-free guidance (the unconditional model is a real model, never an empty one):
 - `drop_z_i` (True = dropped) replaces z_i by a LEARNED null embedding `null_z_i` (initialised to
@@ -78,6 +81,26 @@ def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dt
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
                     bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
+
+
+def resize_low_res(low_res: Array, height: int, width: int, method: str) -> Array:
+    """The upsampler's conditioning image [B, h, w, C] resized to [B, height, width, C], float32."""
+    return jax.image.resize(low_res.astype(jnp.float32),
+                            (low_res.shape[0], height, width, low_res.shape[-1]), method=method)
+
+
+def coordinate_channels(batch: int, height: int, width: int) -> Array:
+    """[batch, height, width, 2] pixel-centre coordinates (x, y), each spanning [-1, 1].
+
+    Convolutions with zero padding can infer where they are only slowly from the borders; these
+    two channels give every pixel its position from the first layer (CoordConv, Liu et al. 2018),
+    which is what a caption's "on the left" needs. They are defined per pixel in [-1, 1], so a
+    fully convolutional model still runs at any size.
+    """
+    xs = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width * 2 - 1
+    ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
+    grid = jnp.stack(jnp.meshgrid(xs, ys, indexing="xy"), axis=-1)
+    return jnp.broadcast_to(grid, (batch, height, width, 2))
 
 
 def upsample_nearest(x: Array) -> Array:
@@ -296,6 +319,7 @@ class UNet(nn.Module):
     clip_dim: int = 0
     clip_tokens: int = 4
     clip_scale: float = 0.0  # z_i times this before its projections; 0 = sqrt(clip_dim)
+    coord_channels: bool = False  # append (x, y) in [-1, 1] to the input (CoordConv)
     text_vocab_size: int = 0
     text_length: int = 0
     text_width: int = 0
@@ -506,10 +530,10 @@ class UNet(nn.Module):
 
         h = x_t.astype(jnp.float32)
         if self.low_res_conditioning:
-            up = jax.image.resize(low_res.astype(jnp.float32),
-                                  (batch, height, width, low_res.shape[-1]),
-                                  method=self.low_res_resize)
+            up = resize_low_res(low_res, height, width, self.low_res_resize)
             h = jnp.concatenate([h, up], axis=-1)
+        if self.coord_channels:
+            h = jnp.concatenate([h, coordinate_channels(batch, height, width)], axis=-1)
         h = nn.with_logical_constraint(h.astype(self.dtype), ACT_IMAGE)
 
         res_cls = nn.remat(ResBlock) if self.remat else ResBlock
@@ -569,7 +593,8 @@ class UNet(nn.Module):
 _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
-           "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "text_vocab_size", "text_length",
+           "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "coord_channels",
+           "text_vocab_size", "text_length",
            "text_width", "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
            "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")

@@ -49,10 +49,11 @@ def diffusion_loss(diffusion: ml_collections.ConfigDict, schedule: Schedule, out
 
 def sample_images(diffusion: ml_collections.ConfigDict, schedule: Schedule, model_fn: Callable,
                   shape, rng: jax.Array, *, guided_fn: Callable | None = None,
-                  guidance_scale: float = 1.0, sampler: str | None = None, **kwargs) -> jax.Array:
+                  guidance_scale: float = 1.0, sampler: str | None = None, clip_x0: float = 1.0,
+                  **kwargs) -> jax.Array:
     """Runs the configured sampler; with `guided_fn` (doubled-batch model) and a scale != 1, guided.
 
-    Returns x_0 float32 in [-1, 1].
+    Returns x_0 float32 in [-clip_x0, clip_x0] (the x0 predictions are clipped to that range).
     """
     learned = bool(diffusion.learned_variance)
     fn = model_fn
@@ -62,7 +63,7 @@ def sample_images(diffusion: ml_collections.ConfigDict, schedule: Schedule, mode
     if name == "ddim":
         kwargs.setdefault("eta", float(diffusion.get("eta", 0.0)))
     return samplers.sample(name, fn, schedule, shape, rng, param=diffusion.param,
-                           learned_variance=learned, clip_x0=1.0, **kwargs)
+                           learned_variance=learned, clip_x0=clip_x0, **kwargs)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,6 +5,11 @@ the low-resolution input is derived from the crop and corrupted (`data.corruptio
 k3 sigma 0.6 for the first stage, BSR degradation for the second); no caption, no CLIP, no
 guidance. The model has no attention, so it samples at full size with the same params.
 
+`diffusion.residual` (not the paper's choice; SRDiff, Li et al. 2022): the diffused signal is the
+residual between the high-res image and the resized conditioning image (the resize the UNet does
+inside), added back after sampling. The low frequencies, and so the colours, then come from the
+input instead of being re-generated: the plain target left tinted backgrounds after short runs.
+
 Evaluation upsamples full validation images from their clean low-resolution versions and reports
 PSNR against the true high-resolution render, and the shapes judge on the low-res inputs and on
 the upsampled outputs.
@@ -51,11 +56,23 @@ class UpsamplerTask(Task):
         return self.model.init(rng, jnp.zeros((1, c, c, 3)), jnp.zeros((1,), jnp.int32),
                                low_res=jnp.zeros((1, low, low, 3)))["params"]
 
+    @property
+    def residual(self) -> bool:
+        return bool(self.config.diffusion.get("residual", False))
+
+    def _base(self, cond: jax.Array, height: int, width: int) -> jax.Array:
+        """What the diffused signal is relative to: the resized conditioning image, or 0."""
+        if not self.residual:
+            return jnp.zeros((cond.shape[0], height, width, cond.shape[-1]), jnp.float32)
+        return unet_lib.resize_low_res(cond, height, width, self.model.low_res_resize)
+
     def loss_fn(self, params, batch, rng, step):
         noise_rng, dropout_rng = jax.random.split(rng)
-        x0 = diff_lib.to_model_range(batch["high"])
+        cond = diff_lib.to_model_range(batch["low"])
+        high = diff_lib.to_model_range(batch["high"])
+        x0 = high - self._base(cond, high.shape[1], high.shape[2])
         x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
-        out = self.model.apply({"params": params}, x_t, t, low_res=diff_lib.to_model_range(batch["low"]),
+        out = self.model.apply({"params": params}, x_t, t, low_res=cond,
                                train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
         return diff_lib.diffusion_loss(self.config.diffusion, self.schedule, out, x0, x_t, t, noise)
 
@@ -95,8 +112,10 @@ class UpsamplerTask(Task):
 
             b, h, w = low_res.shape[:3]
             shape = (b, h * self.scale, w * self.scale, 3)
-            return diff_lib.sample_images(diff, schedule, model_fn, shape, rng, sampler=name, x_T=x_T,
-                                          **extra)
+            base = self._base(cond, shape[1], shape[2])
+            x0 = diff_lib.sample_images(diff, schedule, model_fn, shape, rng, sampler=name, x_T=x_T,
+                                        clip_x0=2.0 if self.residual else 1.0, **extra)
+            return jnp.clip(x0 + base, -1.0, 1.0)
 
         return sample
 
