@@ -222,6 +222,7 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
                           res_blocks=1, attention=(8,), image_size=16 if tiny else 32, tiny=tiny)
     c.model.clip_tokens = 4  # Extra context tokens projected from z_i (paper: 4).
     c.model.clip_scale = 0.0  # Unit z_i times this before its projections; 0 = sqrt(D) (unit-variance entries).
+    c.model.clip_spatial = 0  # Side of a z_i-projected map added at the bottleneck (not in the paper); 0 = none.
     c.model.text_width = 32 if tiny else 64  # The decoder's own caption transformer (GLIDE's pathway).
     c.model.text_depth = 1 if tiny else 2  # Its blocks (0 disables the text pathway).
     c.model.text_heads = 2  # Its heads.

@@ -278,6 +278,23 @@ def test_coordinate_channels_are_used_and_size_free(upsampler):
     assert apply(params, x_t, t, low_res).shape == (B, 48, 48, 3)
 
 
+def test_clip_spatial_map_conditions_through_the_bottleneck():
+    """`clip_spatial`: z_i also becomes an s x s map at the bottleneck; with the timestep-embedding
+    and context-token projections of z_i zeroed, z_i still changes the output through it alone."""
+    model = UNet(**{**DECODER, "clip_spatial": 4, "text_depth": 0})
+    x_t, t, cond = _decoder_inputs()
+    params = _random_params(model, x_t, t, z_i=cond["z_i"], seed=4)
+    p = params["params"]
+    assert p["clip_spatial_proj"]["kernel"].shape == (D, 4 * 4 * 16 * 2)  # bottleneck: 32 channels
+    for name in ("clip_emb_proj", "clip_tokens_proj"):
+        p[name] = jax.tree.map(jnp.zeros_like, p[name])
+    apply = jax.jit(lambda params, z: model.apply(params, x_t, t, z_i=z))
+    base = apply(params, cond["z_i"])
+    assert float(jnp.abs(apply(params, -cond["z_i"]) - base).max()) > 1e-3
+    p["clip_spatial_proj"] = jax.tree.map(jnp.zeros_like, p["clip_spatial_proj"])
+    np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
+
+
 def test_norm_groups():
     assert [norm_groups(c) for c in (512, 64, 16, 48, 40, 3)] == [32, 32, 16, 24, 20, 3]
 

@@ -14,6 +14,9 @@ One module, `UNet`; its fields decide the role:
   concatenated on channels, so the same params run at any size divisible by 2^(levels - 1)
   (trained on crops, sampled at full size).
 - `clip_dim=0` and `text_depth=0` with `low_res_conditioning=False` is an unconditional UNet.
+- `clip_spatial=s` (not in the paper) also projects z_i to an s x s map added to the bottleneck
+  features: a direct, linear path from the embedding to where things are, which the timestep
+  embedding (global) and the context tokens (through attention) give only after long training.
 - `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
   layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
   instead of being inferred from the zero padding.
@@ -320,6 +323,7 @@ class UNet(nn.Module):
     clip_tokens: int = 4
     clip_scale: float = 0.0  # z_i times this before its projections; 0 = sqrt(clip_dim)
     coord_channels: bool = False  # append (x, y) in [-1, 1] to the input (CoordConv)
+    clip_spatial: int = 0  # side of a z_i-projected feature map added at the bottleneck; 0 = none
     text_vocab_size: int = 0
     text_length: int = 0
     text_width: int = 0
@@ -438,8 +442,9 @@ class UNet(nn.Module):
         return _dense(self.emb_dim, ("mlp", "embed"), "time_embed_fc2", self.dtype,
                       self.param_dtype)(nn.silu(h))
 
-    def _clip_conditioning(self, z_i: Array, drop_z_i: Array | None) -> tuple[Array, Array]:
-        """z_i [B, D] -> (emb term [B, E], context tokens [B, clip_tokens, context_width])."""
+    def _clip_conditioning(self, z_i: Array, drop_z_i: Array | None):
+        """z_i [B, D] -> (emb term [B, E], context tokens [B, clip_tokens, context_width] or None,
+        bottleneck map [B, clip_spatial, clip_spatial, bottleneck channels] or None)."""
         null = self.param("null_z_i", _partitioned(nn.initializers.zeros, (None,)),
                           (self.clip_dim,), self.param_dtype)
         # A unit-norm z_i has entries of size ~1/sqrt(D): rescaled to unit variance, its projections
@@ -451,12 +456,16 @@ class UNet(nn.Module):
         z = z.astype(self.dtype)
         emb = _dense(self.emb_dim, (None, "embed"), "clip_emb_proj", self.dtype,
                      self.param_dtype)(z)
-        tokens = None
+        tokens = spatial = None
         if self.clip_tokens:
             tokens = _dense(self.clip_tokens * self.context_width, (None, "embed"),
                             "clip_tokens_proj", self.dtype, self.param_dtype)(z)
             tokens = tokens.reshape(z.shape[0], self.clip_tokens, self.context_width)
-        return emb, tokens
+        if self.clip_spatial:
+            side, width = self.clip_spatial, self.base_channels * self.channel_mult[-1]
+            spatial = _dense(side * side * width, (None, "embed"), "clip_spatial_proj", self.dtype,
+                             self.param_dtype)(z).reshape(z.shape[0], side, side, width)
+        return emb, tokens, spatial
 
     def _text_conditioning(self, tokens: Array, mask: Array | None, drop: Array | None):
         """Caption -> (emb term [B, E], context tokens [B, L, text_width], key mask [B, L])."""
@@ -509,7 +518,7 @@ class UNet(nn.Module):
         batch, height, width, _ = x_t.shape
 
         emb = self._time_embedding(t)
-        context, context_mask = [], []
+        context, context_mask, clip_map = [], [], None
         if self.uses_text:
             text_emb, text_seq, text_keys = self._text_conditioning(text_tokens, text_mask,
                                                                     drop_text)
@@ -517,7 +526,7 @@ class UNet(nn.Module):
             context.append(text_seq.astype(self.dtype))
             context_mask.append(text_keys)
         if self.clip_dim:
-            clip_emb, clip_seq = self._clip_conditioning(z_i, drop_z_i)
+            clip_emb, clip_seq, clip_map = self._clip_conditioning(z_i, drop_z_i)
             emb = emb + clip_emb
             if clip_seq is not None:
                 context.append(clip_seq.astype(self.dtype))
@@ -566,6 +575,9 @@ class UNet(nn.Module):
                 h = res(h.shape[-1], f"down_{level}_downsample", down=True)(h, emb)
                 skips.append(h)
 
+        if clip_map is not None:  # z_i's own layout map, resized to the bottleneck
+            h = h + jax.image.resize(clip_map, (batch, h.shape[1], h.shape[2], h.shape[3]),
+                                     method="bilinear").astype(h.dtype)
         h = res(h.shape[-1], "middle_res_0")(h, emb)
         if attention_levels:
             h = attn(h, "middle_attn")
@@ -594,6 +606,7 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "coord_channels",
+           "clip_spatial",
            "text_vocab_size", "text_length",
            "text_width", "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
            "attention_implementation")
