@@ -45,6 +45,7 @@ def fixed_config():
         m.image_size, m.base_channels, m.channel_mult = SIDE, 64, (1, 2, 4)
         m.num_res_blocks, m.attention_resolutions, m.head_channels = 2, (16,), 64
         m.text_depth, m.dtype, m.remat = 0, FLAGS.dtype, FLAGS.remat
+        m.clip_spatial, m.coord_channels = 0, False  # the paper's conditioning only
         config.diffusion.learned_variance = True
         config.diffusion.sampler, config.diffusion.sample_steps = "ddim", STEPS
         config.train.batch_size = BATCH

@@ -144,6 +144,7 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     for key, value in unet.items():
         c.model[key] = value
     c.model.head_channels = 64
+    c.model.clip_spatial = 0  # The paper's conditioning only (the shapes decoder adds a z_i map).
     c.model.dropout = 0.1  # Paper: 0.1.
     c.model.dtype = "bfloat16"
     c.model.remat = True
