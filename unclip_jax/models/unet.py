@@ -605,11 +605,9 @@ class UNet(nn.Module):
 _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
-           "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "coord_channels",
-           "clip_spatial",
-           "text_vocab_size", "text_length",
-           "text_width", "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
-           "attention_implementation")
+           "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
+           "coord_channels", "text_vocab_size", "text_length", "text_width", "text_depth",
+           "text_heads", "text_causal", "num_timesteps", "remat", "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
 
 
