@@ -99,7 +99,8 @@ def test_guidance_scale_changes_the_decoder_output(pipe, samples):
 def test_resolved_settings_fill_in_the_stage_configs(pipe, workdirs):
     s = pipe.resolved_settings()
     assert s["prior"] == {"guidance_scale": 1.0, "best_of": 2, "sampler": "ddpm", "steps": 4}
-    assert s["decoder"] == {"guidance_scale": pipeline_stages.DECODER_GUIDANCE, "sampler": "ddim", "steps": 4, "eta": 0.0}
+    assert s["decoder"] == {"guidance_scale": pipeline_stages.DECODER_GUIDANCE, "sampler": "ddim",
+                            "steps": 4, "eta": 0.0}
     assert s["upsamplers"] == [{"sampler": "ddim", "steps": 2, "eta": 0.0}]
     assert s["stages"]["decoder"]["workdir"] == workdirs["decoder"] and s["stages"]["decoder"]["step"] == 1
     other = pipe.resolved_settings(pipeline_lib.Settings(decoder=pipeline_lib.DecoderSettings(sampler="ddpm")))

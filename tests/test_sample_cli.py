@@ -65,7 +65,8 @@ def test_text_mode_writes_pngs_grids_and_jsonl(workdirs, tmp_path):
     assert [r["caption"] for r in records] == [CAPTION, CAPTION, LONG, LONG]
     first = records[0]
     assert first["seed"] == 5 and first["mode"] == "text" and first["prompt_index"] == 0
-    assert first["settings"]["decoder"] == {"guidance_scale": pipeline_stages.DECODER_GUIDANCE, "sampler": "ddim", "steps": 4, "eta": 0.0}
+    assert first["settings"]["decoder"] == {"guidance_scale": pipeline_stages.DECODER_GUIDANCE,
+                                            "sampler": "ddim", "steps": 4, "eta": 0.0}
     assert first["settings"]["stages"]["prior"]["workdir"] == workdirs["prior"]
 
 

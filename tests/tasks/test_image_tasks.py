@@ -88,6 +88,7 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     sampling, so a model that predicts x0 = 0 (a fresh one: zero-initialised output) upsamples to
     exactly that resize, and a high-res image equal to it has a zero target."""
     from unclip_jax.models import unet as unet_lib
+    from unclip_jax.tasks import image_diffusion as diff_lib
     from unclip_jax.tasks import upsampler as upsampler_task
 
     config = config_for("upsampler")
@@ -97,7 +98,7 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     params = loop.unbox(task.init_params(jax.random.key(0)))
     low = jax.random.randint(jax.random.key(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
     out = task.sample_body()(params, low, jax.random.key(2))
-    cond = low.astype(jnp.float32) / 127.5 - 1
+    cond = diff_lib.to_model_range(low)
     resized = jnp.clip(unet_lib.resize_low_res(cond, 8 * task.scale, 8 * task.scale,
                                                task.model.low_res_resize), -1, 1)
     np.testing.assert_allclose(out, resized, atol=1e-5)
