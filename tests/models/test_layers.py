@@ -231,3 +231,72 @@ def test_sharded_init_follows_the_rules_and_boxed_apply_works():
             None, "tensor", None, "fsdp")
         y = jax.jit(model.apply)(variables, x)  # boxed tree straight into apply
     np.testing.assert_allclose(y, model.apply(nn.meta.unbox(variables), x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention implementations and mixed-precision matmuls
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_einsum_attention_matches_jax_attention_values_and_gradients(causal):
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (BATCH, LENGTH, HEADS, 8)) for key in keys)
+    keep = jnp.array([[True] * LENGTH, [True] * (LENGTH - 2) + [False] * 2])[:, None, None, :]
+
+    def loss(impl, q, k, v):
+        out = layers.dot_product_attention(q, k, v, mask=keep, is_causal=causal, implementation=impl)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, ours), ours_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("einsum", q, k, v)
+    (_, ref), ref_grads = jax.value_and_grad(loss, (1, 2, 3), has_aux=True)("xla", q, k, v)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours_grads, ref_grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _rounded(x, dtype=jnp.bfloat16):
+    return np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("k_dim, n_dim", [(16, 48), (48, 16)])  # both backward layouts of dw
+def test_low_precision_matmul_rounds_operands_forward_and_backward(k_dim, n_dim):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, 5, k_dim))
+    w = jax.random.normal(kw, (k_dim, n_dim))
+    g = jax.random.normal(kg, (3, 5, n_dim))
+    y, vjp = jax.vjp(lambda x, w: layers.matmul(x, w, jnp.bfloat16), x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    assert y.shape == (3, 5, n_dim) and dx.shape == x.shape and dw.shape == w.shape
+    xr, wr, gr = _rounded(x), _rounded(w), _rounded(g)
+    # Exactly the products of the bfloat16-rounded operands (float32 accumulation), also backward.
+    np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, gr @ wr.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dw, xr.reshape(-1, k_dim).T @ gr.reshape(-1, n_dim), rtol=1e-5,
+                               atol=1e-4)
+    # ... and not the float32 products (the rounding is really there).
+    assert np.abs(np.asarray(dw) - np.asarray(x).reshape(-1, k_dim).T @ np.asarray(g).reshape(
+        -1, n_dim)).max() > 1e-3
+    # No matmul_dtype, or the activations' own dtype: the plain product.
+    np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6)
+    np.testing.assert_allclose(layers.matmul(x, w, jnp.float32), x @ w, rtol=1e-6)
+
+
+def test_transformer_with_bfloat16_matmuls_tracks_float32():
+    x = _x()
+    kwargs = dict(depth=2, num_heads=HEADS, causal=True, scan_layers=True,
+                  remat_policy="nothing_saveable")
+    ref, mixed = layers.Transformer(**kwargs), layers.Transformer(matmul_dtype=jnp.bfloat16, **kwargs)
+    variables = ref.init(jax.random.key(0), x)  # Same param tree: matmul_dtype adds no params.
+    assert jax.tree.structure(variables) == jax.tree.structure(mixed.init(jax.random.key(0), x))
+
+    def loss(model, params):
+        return jnp.mean(model.apply(params, x) ** 2)
+
+    l_ref, g_ref = jax.value_and_grad(loss, 1)(ref, variables)
+    l_mix, g_mix = jax.value_and_grad(loss, 1)(mixed, variables)
+    assert abs(float(l_mix) - float(l_ref)) < 2e-2 * abs(float(l_ref))
+    for a, b in zip(jax.tree.leaves(nn.meta.unbox(g_mix)), jax.tree.leaves(nn.meta.unbox(g_ref))):
+        assert a.dtype == jnp.float32
+        scale = float(jnp.abs(b).max()) + 1e-6
+        assert float(jnp.abs(a - b).max()) < 0.05 * scale

@@ -28,6 +28,16 @@ def test_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
     helpers.assert_same_losses_on_1_and_8_devices(lambda: prior_config(clip_with_cache), tmp_path, steps=3)
 
 
+def test_prior_with_bfloat16_matmuls_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
+    def config():
+        c = prior_config(clip_with_cache)
+        with c.unlocked():
+            c.model.matmul_dtype = "bfloat16"
+        return c
+    # Same products on every device, rounded the same way; only the reduction order differs.
+    helpers.assert_same_losses_on_1_and_8_devices(config, tmp_path, steps=3, rtol=2e-3)
+
+
 def test_evaluation_reports_prior_and_both_baselines(clip_with_cache, tmp_path):
     config = prior_config(clip_with_cache, num_steps=2)
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))

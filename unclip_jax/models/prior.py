@@ -88,6 +88,10 @@ class DiffusionPrior(nn.Module):
     attention_implementation: str | None = None
     num_timesteps: int = 1000
     head_dim: int | None = None  # Per-head width (None: width // num_heads).
+    # Operand dtype of the transformer's projections, forward and backward, with float32
+    # accumulation (`layers.matmul`); None = `dtype`. "bfloat16" with float32 activations is
+    # mixed precision for CPUs with AMX (bfloat16 dots run several times faster there).
+    matmul_dtype: Dtype | None = None
 
     @property
     def sequence_length(self) -> int:
@@ -158,7 +162,8 @@ class DiffusionPrior(nn.Module):
                       activation=self.activation, causal=True, dtype=self.dtype,
                       param_dtype=self.param_dtype, scan_layers=self.scan_layers,
                       remat_policy=self.remat_policy,
-                      attention_implementation=self.attention_implementation, head_dim=self.head_dim)
+                      attention_implementation=self.attention_implementation, head_dim=self.head_dim,
+                      matmul_dtype=self.matmul_dtype)
         self.transformer = Transformer(name="transformer", **kwargs)
         self.ln_final = LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")
         self.out_proj = self._dense(self.embed_dim, ("embed", None), (None,), "out_proj",
@@ -256,7 +261,7 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     """Builds a `DiffusionPrior` from a config block whose fields share the module's names.
 
     Required: width, depth, num_heads. Optional (module defaults otherwise): head_dim (0 = width // num_heads), mlp_ratio, activation,
-    dropout, dtype/param_dtype (names like "bfloat16" or dtypes), scan_layers, remat_policy,
+    dropout, dtype/param_dtype/matmul_dtype (names like "bfloat16" or dtypes; "" = default), scan_layers, remat_policy,
     attention_implementation, num_timesteps. Other fields are ignored. The CLIP-dependent sizes
     come from the keyword arguments (they describe the cached embeddings, not the prior).
     """
@@ -267,8 +272,8 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     for name in _OPTIONAL:
         if name in cfg and (cfg[name] is not None or name == "attention_implementation"):
             kwargs[name] = cfg[name]
-    for name in ("dtype", "param_dtype"):
-        if name in cfg and cfg[name] is not None:
+    for name in ("dtype", "param_dtype", "matmul_dtype"):
+        if name in cfg and cfg[name]:
             kwargs[name] = _as_dtype(cfg[name])
     if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
         kwargs["head_dim"] = None

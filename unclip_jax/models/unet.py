@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax.models.layers import Dtype, Embed, HeadsDense, LayerNorm, Transformer
+from unclip_jax.models.layers import (Dtype, Embed, HeadsDense, LayerNorm, Transformer,
+                                      dot_product_attention)
 from unclip_jax.models.prior import timestep_embedding
 
 Array = jax.Array
@@ -243,7 +244,7 @@ class AttentionBlock(nn.Module):
                 image_keys = jnp.ones((b, height * width), bool)
                 mask = jnp.concatenate([context_mask.astype(bool), image_keys], axis=1)
                 mask = mask[:, None, None, :]  # [B, 1 (heads), 1 (queries), S + H*W]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         out = nn.with_logical_constraint(out.astype(self.dtype), act_heads)
         kernel = self.param("out_proj_kernel",
                             _partitioned(nn.initializers.zeros, ("heads", "kv", "embed")),
