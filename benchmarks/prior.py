@@ -31,8 +31,9 @@ flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls (after one compi
 flags.DEFINE_string("remat_policy", "nothing_saveable", "Per-block remat policy.")
 flags.DEFINE_bool("scan_layers", True, "Scan over the transformer blocks.")
 flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
-flags.DEFINE_string("matmul_dtype", "", "Operand dtype of the transformer's projections (float32 "
-                    "accumulation, forward and backward); \"\" = the activation dtype.")
+flags.DEFINE_string("matmul_dtype", None, "Operand dtype of the transformer's projections "
+                    "(float32 accumulation, forward and backward): bfloat16, or float32 / \"\" for the "
+                    "activation dtype; unset = the shapes prior config's (bfloat16).")
 FLAGS = flags.FLAGS
 
 D, L, W, BATCH, NUM_SAMPLES = 256, 77, 256, 32, 8
@@ -45,7 +46,8 @@ def fixed_config():
         config.model.num_heads, config.model.head_dim = 8, 64
         config.model.scan_layers, config.model.remat_policy = FLAGS.scan_layers, FLAGS.remat_policy
         config.model.dtype = FLAGS.dtype
-        config.model.matmul_dtype = FLAGS.matmul_dtype
+        if FLAGS.matmul_dtype is not None:
+            config.model.matmul_dtype = FLAGS.matmul_dtype
         config.train.batch_size = BATCH
         config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
     return config
@@ -79,7 +81,7 @@ def main(_):
         "benchmark": "prior", "width": 256, "depth": 6, "heads": 8, "head_dim": 64, "embed_dim": D,
         "text_tokens": L, "batch_size": BATCH, "scan_layers": FLAGS.scan_layers,
         "remat_policy": FLAGS.remat_policy, "activation_dtype": FLAGS.dtype,
-        "matmul_dtype": FLAGS.matmul_dtype or FLAGS.dtype, **timings,
+        "matmul_dtype": config.model.matmul_dtype or FLAGS.dtype, **timings,
         "train_samples_per_sec": timings["examples_per_sec_step_only"],
         "sampling": {"captions": NUM_SAMPLES, "steps": 64, "guidance_scale": 3.0, "best_of": 2,
                      **sampling},

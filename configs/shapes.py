@@ -141,7 +141,9 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
     c.model.scan_layers = True  # nn.scan over blocks (one compiled block, faster compiles).
     c.model.remat_policy = "nothing_saveable"  # Per-block remat (measured fastest on CPU): none | full | dots_saveable | nothing_saveable.
-    c.model.matmul_dtype = ""  # Projection operands ("bfloat16": mixed precision, float32 accumulation); "" = dtype.
+    # Projection operands in bfloat16, forward and backward, float32 accumulation ("" = dtype): ~2x
+    # faster training on AMX CPUs, same evaluation to 3 decimals as float32 (README).
+    c.model.matmul_dtype = "" if tiny else "bfloat16"  # (tiny: float32, the tests compare exactly)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # Noise schedule (paper: cosine).
