@@ -373,12 +373,12 @@ class TransformerBlock(nn.Module):
         width = x.shape[-1]
         x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
         h = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="layer_norm1")(x)
-        h = MultiHeadAttention(num_heads=self.num_heads, head_dim=self.head_dim, dtype=self.dtype,
-                               param_dtype=self.param_dtype,
-                               implementation=self.attention_implementation,
-                               matmul_dtype=self.matmul_dtype, name="self_attn")(h, causal=self.causal,
-                                                 key_padding_mask=key_padding_mask,
-                                                 prefix_kv=prefix_kv, return_kv=self.return_kv)
+        attention = MultiHeadAttention(num_heads=self.num_heads, head_dim=self.head_dim,
+                                       dtype=self.dtype, param_dtype=self.param_dtype,
+                                       implementation=self.attention_implementation,
+                                       matmul_dtype=self.matmul_dtype, name="self_attn")
+        h = attention(h, causal=self.causal, key_padding_mask=key_padding_mask, prefix_kv=prefix_kv,
+                      return_kv=self.return_kv)
         kv = None
         if self.return_kv:
             h, kv = h

@@ -260,9 +260,10 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
                       text_length: int) -> DiffusionPrior:
     """Builds a `DiffusionPrior` from a config block whose fields share the module's names.
 
-    Required: width, depth, num_heads. Optional (module defaults otherwise): head_dim (0 = width // num_heads), mlp_ratio, activation,
-    dropout, dtype/param_dtype/matmul_dtype (names like "bfloat16" or dtypes; "" = default), scan_layers, remat_policy,
-    attention_implementation, num_timesteps. Other fields are ignored. The CLIP-dependent sizes
+    Required: width, depth, num_heads. Optional (module defaults otherwise): head_dim (0 = width //
+    num_heads), mlp_ratio, activation, dropout, dtype / param_dtype / matmul_dtype (names like
+    "bfloat16" or dtypes; "" = the default), scan_layers, remat_policy, attention_implementation,
+    num_timesteps. Other fields are ignored. The CLIP-dependent sizes
     come from the keyword arguments (they describe the cached embeddings, not the prior).
     """
     missing = [name for name in _REQUIRED if name not in cfg]
