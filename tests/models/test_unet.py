@@ -295,6 +295,41 @@ def test_clip_spatial_map_conditions_through_the_bottleneck():
     np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
 
 
+def test_text_spatial_map_starts_at_zero_and_conditions_through_the_bottleneck():
+    """`text_spatial`: the caption's pooled embedding term also becomes an s x s bottleneck map,
+    zero-initialised, so that the model starts as (and warm-starts from) the one without it."""
+    with_map = UNet(**{**DECODER, "text_spatial": 4})
+    without = UNet(**DECODER)
+    x_t, t, cond = _decoder_inputs()
+    init = nn.meta.unbox(with_map.init(jax.random.key(0), x_t, t, **cond))["params"]
+    np.testing.assert_array_equal(init["text_spatial_proj"]["kernel"], 0.0)
+    params = _random_params(with_map, x_t, t, **cond, seed=5)
+    p = params["params"]
+    assert p["text_spatial_proj"]["kernel"].shape == (with_map.emb_dim, 4 * 4 * 32)
+    rest = {"params": {k: v for k, v in p.items() if k != "text_spatial_proj"}}
+
+    def apply(model, params, tokens, drop=NO):
+        return model.apply(params, x_t, t, **{**cond, "text_tokens": tokens}, drop_text=drop)
+
+    other = (cond["text_tokens"] + 7) % VOCAB
+    base = apply(with_map, params, cond["text_tokens"])
+    assert float(jnp.abs(base - apply(without, rest, cond["text_tokens"])).max()) > 1e-3
+    # The map's contribution depends on the caption...
+    delta = base - apply(without, rest, cond["text_tokens"])
+    delta_other = apply(with_map, params, other) - apply(without, rest, other)
+    assert float(jnp.abs(delta - delta_other).max()) > 1e-3
+    # ... is the same for every dropped caption, and vanishes with the zero-initialised projection.
+    yes = jnp.ones((B,), bool)
+    np.testing.assert_array_equal(apply(with_map, params, other, yes),
+                                  apply(with_map, params, cond["text_tokens"], yes))
+    p["text_spatial_proj"] = jax.tree.map(jnp.zeros_like, p["text_spatial_proj"])
+    np.testing.assert_allclose(apply(with_map, params, other), apply(without, rest, other),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="text_spatial=4 needs text_depth > 0"):
+        UNet(**{**DECODER, "text_spatial": 4, "text_depth": 0}).init(
+            jax.random.key(0), x_t, t, z_i=cond["z_i"])
+
+
 def test_norm_groups():
     assert [norm_groups(c) for c in (512, 64, 16, 48, 40, 3)] == [32, 32, 16, 24, 20, 3]
 

@@ -95,3 +95,56 @@ def test_checkpoint_incompatible_with_the_stored_config(workdir, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"is incompatible with the model state(.|\n)*visual_projection"):
         restore.load_trained(str(other))
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start (config.train.init_from): a new run seeded with another run's params.
+# ---------------------------------------------------------------------------------------------
+def test_merge_params_takes_shared_leaves_and_reports_new_ones():
+    target = {"a": {"w": np.zeros((2, 3))}, "new": {"b": np.ones((4,))}}
+    source = {"a": {"w": np.full((2, 3), 5.0)}}
+    target = jax.tree.map(jax.numpy.asarray, target)
+    merged, new = restore.merge_params(target, source)
+    np.testing.assert_array_equal(merged["a"]["w"], 5.0)
+    np.testing.assert_array_equal(merged["new"]["b"], 1.0)  # kept as initialised
+    assert new == ["['new']['b']"]
+
+
+def test_merge_params_refuses_shape_changes_and_dropped_weights():
+    target = {"a": {"w": jax.numpy.zeros((2, 3))}}
+    with pytest.raises(ValueError, match=r"from src(.|\n)*\['a'\]\['w'\]: \(3, 3\) in the "
+                                         r"source, \(2, 3\) in the model"):
+        restore.merge_params(target, {"a": {"w": np.zeros((3, 3))}}, what="src")
+    with pytest.raises(ValueError, match=r"\['gone'\]: in the source, not in the model"):
+        restore.merge_params(target, {"a": {"w": np.zeros((2, 3))}, "gone": np.zeros(1)},
+                             what="src")
+
+
+def test_init_from_seeds_a_new_run_with_the_source_params(workdir, tmp_path):
+    from unclip_jax.train import loop
+
+    config = tiny_clip.tiny_clip_config()
+    with config.unlocked():
+        config.train.num_steps = 1  # The first step's learning rate is 0 (linear warmup from 0).
+        config.train.init_from = workdir
+    new_dir = str(tmp_path / "finetune")
+    result = loop.train_and_evaluate(config, new_dir)
+    assert result["step"] == 1
+    tuned = stored_state(new_dir, 1)
+    assert_trees_equal(tuned["params"], stored_state(workdir, 2)["params"])
+    assert int(tuned["step"]) == 1  # A new run: its own step count and optimizer.
+
+    # A source that does not fit the model is one clear error, and the new workdir gets no checkpoint.
+    with config.unlocked():
+        config.model.embed_dim = 16
+    bad_dir = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"cannot warm-start from (.|\n)*visual_projection"):
+        loop.train_and_evaluate(config, str(bad_dir))
+    assert not (bad_dir / "checkpoints").exists() or not os.listdir(bad_dir / "checkpoints")
+
+    missing = str(tmp_path / "nowhere")
+    with config.unlocked():
+        config.model.embed_dim = tiny_clip.tiny_clip_config().model.embed_dim
+        config.train.init_from = missing
+    with pytest.raises(restore.NotTrainedError, match="does not exist"):
+        loop.train_and_evaluate(config, str(tmp_path / "bad2"))

@@ -17,6 +17,10 @@ One module, `UNet`; its fields decide the role:
 - `clip_spatial=s` (not in the paper) also projects z_i to an s x s map added to the bottleneck
   features: a direct, linear path from the embedding to where things are, which the timestep
   embedding (global) and the context tokens (through attention) give only after long training.
+- `text_spatial=s` (not in the paper) does the same for the caption: its pooled embedding term
+  (the learned null when dropped) projected to an s x s bottleneck map, zero-initialised (so a
+  warm start from a model without it begins as that model). CLIP's z_i pins the layout only as
+  well as CLIP learned it; the caption states it outright.
 - `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
   layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
   instead of being inferred from the zero padding.
@@ -81,9 +85,11 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
                    bias_init=_partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype, *,
+           zero: bool = False) -> nn.Dense:
+    init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
+                    kernel_init=_partitioned(init, names),
                     bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
 
 
@@ -325,6 +331,7 @@ class UNet(nn.Module):
     clip_scale: float = 0.0  # z_i times this before its projections; 0 = sqrt(clip_dim)
     coord_channels: bool = False  # append (x, y) in [-1, 1] to the input (CoordConv)
     clip_spatial: int = 0  # side of a z_i-projected feature map added at the bottleneck; 0 = none
+    text_spatial: int = 0  # side of a caption-projected bottleneck map (needs text_depth > 0)
     text_vocab_size: int = 0
     text_length: int = 0
     text_width: int = 0
@@ -392,6 +399,9 @@ class UNet(nn.Module):
             if self.text_width % self.text_heads:
                 raise ValueError(f"{name}.text_width {self.text_width} is not divisible by "
                                  f"text_heads {self.text_heads}")
+        if self.text_spatial < 0 or (self.text_spatial and not self.uses_text):
+            raise ValueError(f"{name}.text_spatial={self.text_spatial} needs text_depth > 0 "
+                             "(it projects the caption) and must be >= 0")
         if self.num_timesteps <= 0:
             raise ValueError(f"{name}.num_timesteps must be positive, got {self.num_timesteps}")
 
@@ -463,9 +473,7 @@ class UNet(nn.Module):
                             "clip_tokens_proj", self.dtype, self.param_dtype)(z)
             tokens = tokens.reshape(z.shape[0], self.clip_tokens, self.context_width)
         if self.clip_spatial:
-            side, width = self.clip_spatial, self.base_channels * self.channel_mult[-1]
-            spatial = _dense(side * side * width, (None, "embed"), "clip_spatial_proj", self.dtype,
-                             self.param_dtype)(z).reshape(z.shape[0], side, side, width)
+            spatial = self._bottleneck_map(self.clip_spatial, z, "clip_spatial_proj")
         return emb, tokens, spatial
 
     def _text_conditioning(self, tokens: Array, mask: Array | None, drop: Array | None):
@@ -494,6 +502,12 @@ class UNet(nn.Module):
             mask = jnp.where(drop[:, None], first[None], mask)
         return emb, seq, mask
 
+    def _bottleneck_map(self, side: int, source: Array, name: str, zero: bool = False) -> Array:
+        """source [B, F] -> a [B, side, side, bottleneck channels] map (resized where it is added)."""
+        width = self.base_channels * self.channel_mult[-1]
+        return _dense(side * side * width, (None, "embed"), name, self.dtype, self.param_dtype,
+                      zero=zero)(source).reshape(source.shape[0], side, side, width)
+
     # ---------------------------------------------------------------------------------------------
     # Forward.
     # ---------------------------------------------------------------------------------------------
@@ -519,15 +533,20 @@ class UNet(nn.Module):
         batch, height, width, _ = x_t.shape
 
         emb = self._time_embedding(t)
-        context, context_mask, clip_map = [], [], None
+        context, context_mask, maps = [], [], []
         if self.uses_text:
             text_emb, text_seq, text_keys = self._text_conditioning(text_tokens, text_mask,
                                                                     drop_text)
+            if self.text_spatial:
+                maps.append(self._bottleneck_map(self.text_spatial, text_emb, "text_spatial_proj",
+                                                 zero=True))
             emb = emb + text_emb
             context.append(text_seq.astype(self.dtype))
             context_mask.append(text_keys)
         if self.clip_dim:
             clip_emb, clip_seq, clip_map = self._clip_conditioning(z_i, drop_z_i)
+            if clip_map is not None:
+                maps.append(clip_map)
             emb = emb + clip_emb
             if clip_seq is not None:
                 context.append(clip_seq.astype(self.dtype))
@@ -576,8 +595,8 @@ class UNet(nn.Module):
                 h = res(h.shape[-1], f"down_{level}_downsample", down=True)(h, emb)
                 skips.append(h)
 
-        if clip_map is not None:  # z_i's own layout map, resized to the bottleneck
-            h = h + jax.image.resize(clip_map, (batch, h.shape[1], h.shape[2], h.shape[3]),
+        for layout in maps:  # z_i's / the caption's own layout maps, resized to the bottleneck
+            h = h + jax.image.resize(layout, (batch, h.shape[1], h.shape[2], h.shape[3]),
                                      method="bilinear").astype(h.dtype)
         h = res(h.shape[-1], "middle_res_0")(h, emb)
         if attention_levels:
@@ -607,7 +626,7 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
-           "coord_channels", "text_vocab_size", "text_length", "text_width", "text_depth",
+           "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width", "text_depth",
            "text_heads", "text_causal", "num_timesteps", "remat", "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
 

@@ -244,6 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
             del state
             state, start_step = ckpt.restore(abstract_state, data_iterator=pipeline)
             logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
+        elif config.train.get("init_from"):
+            from unclip_jax.train import restore  # restore imports this module.
+
+            state, new = restore.warm_start(state, config.train.init_from, mesh)
+            logging.info("Warm start: params and EMA params from %s; newly initialised: %s",
+                         config.train.init_from, ", ".join(new) or "none")
         num_params = count_params(abstract_state.params)
         logging.info("%s: %s parameters on mesh %s", config.stage, f"{num_params:,}", dict(mesh.shape))
 

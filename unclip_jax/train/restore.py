@@ -74,6 +74,15 @@ def load_trained(workdir: str, *, which: str = "ema", step: int | None = None,
     """
     if which not in PARAM_KINDS:
         raise ValueError(f"which={which!r}: expected one of {PARAM_KINDS}")
+    config, task, state, restored_step, mesh = _load_state(workdir, step, mesh)
+    params = state.ema_params if which == "ema" else state.params
+    del state  # The other params and the optimizer state are freed here.
+    return Trained(config=config, task=task, params=params, step=restored_step, mesh=mesh,
+                   which=which)
+
+
+def _load_state(workdir: str, step: int | None, mesh: Mesh | None):
+    """(config, task, full train state, step, mesh) of the run in `workdir` (see `load_trained`)."""
     workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     if not os.path.isdir(workdir):
         raise NotTrainedError(f"workdir {workdir} does not exist: {_train_hint(workdir, None)}")
@@ -98,7 +107,53 @@ def load_trained(workdir: str, *, which: str = "ema", step: int | None = None,
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             abstract = loop.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
         state, restored_step = ckpt.restore(abstract, step=step, data_iterator=None)
-    params = state.ema_params if which == "ema" else state.params
-    del state  # The other params and the optimizer state are freed here.
-    return Trained(config=config, task=task, params=params, step=int(restored_step), mesh=mesh,
-                   which=which)
+    return config, task, state, int(restored_step), mesh
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def merge_params(target: Any, source: Any, *, what: str = "source") -> tuple[Any, list[str]]:
+    """`target`'s tree with every leaf that `source` has at the same path and shape taken from it.
+
+    Returns (merged tree, the target paths `source` lacks: they keep their values). Leaves go to
+    the target leaf's sharding (and dtype).
+
+    Raises:
+      ValueError: a shared path has different shapes, or `source` has paths `target` lacks (the
+        new model would silently drop trained weights), listing them all.
+    """
+    flat_t, flat_s = _flat(target), _flat(source)
+    mismatched = [f"{k}: {tuple(flat_s[k].shape)} in the source, {tuple(v.shape)} in the model"
+                  for k, v in flat_t.items() if k in flat_s and flat_s[k].shape != v.shape]
+    dropped = sorted(set(flat_s) - set(flat_t))
+    if mismatched or dropped:
+        lines = mismatched + [f"{k}: in the source, not in the model" for k in dropped]
+        raise ValueError(f"cannot warm-start from {what}: the params differ in {len(lines)} "
+                         "entries:\n  " + "\n  ".join(lines))
+
+    def take(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if key not in flat_s:
+            return leaf
+        return jax.device_put(jax.numpy.asarray(flat_s[key], leaf.dtype), leaf.sharding)
+
+    merged = jax.tree_util.tree_map_with_path(take, target)
+    return merged, sorted(set(flat_t) - set(flat_s))
+
+
+def warm_start(state: state_lib.TrainState, source_workdir: str, mesh: Mesh) -> tuple[
+        state_lib.TrainState, list[str]]:
+    """A fresh train state with the params and EMA params of `source_workdir`'s latest checkpoint.
+
+    For fine-tuning (`config.train.init_from`): the step, the optimizer state and the params the
+    source lacks (new modules) stay as initialised. Returns (state, the newly initialised paths).
+    Raises NotTrainedError / ValueError as `load_trained` and `merge_params` do.
+    """
+    _, _, source, step, _ = _load_state(source_workdir, None, mesh)
+    what = f"{source_workdir} (step {step})"
+    params, new = merge_params(state.params, source.params, what=what)
+    ema, _ = merge_params(state.ema_params, source.ema_params, what=what)
+    return state.replace(params=params, ema_params=ema), new
