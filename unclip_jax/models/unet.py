@@ -18,9 +18,11 @@ One module, `UNet`; its fields decide the role:
   features: a direct, linear path from the embedding to where things are, which the timestep
   embedding (global) and the context tokens (through attention) give only after long training.
 - `text_spatial=s` (not in the paper) does the same for the caption: its pooled embedding term
-  (the learned null when dropped) projected to an s x s bottleneck map, zero-initialised (so a
-  warm start from a model without it begins as that model). CLIP's z_i pins the layout only as
-  well as CLIP learned it; the caption states it outright.
+  (the learned null when dropped) projected to an s x s bottleneck map. CLIP's z_i pins the layout
+  only as well as CLIP learned it; the caption states it outright. Randomly initialised like the
+  z_i map: a zero-initialised one gives the caption encoder no gradient through it, and the
+  pair (encoder, projection) stays at that saddle (measured: position from the caption alone at
+  chance after 2,000 warm-started steps).
 - `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
   layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
   instead of being inferred from the zero padding.
@@ -85,11 +87,9 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
                    bias_init=_partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype, *,
-           zero: bool = False) -> nn.Dense:
-    init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
+def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_partitioned(init, names),
+                    kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
                     bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
 
 
@@ -502,11 +502,11 @@ class UNet(nn.Module):
             mask = jnp.where(drop[:, None], first[None], mask)
         return emb, seq, mask
 
-    def _bottleneck_map(self, side: int, source: Array, name: str, zero: bool = False) -> Array:
+    def _bottleneck_map(self, side: int, source: Array, name: str) -> Array:
         """source [B, F] -> a [B, side, side, bottleneck channels] map (resized where it is added)."""
         width = self.base_channels * self.channel_mult[-1]
-        return _dense(side * side * width, (None, "embed"), name, self.dtype, self.param_dtype,
-                      zero=zero)(source).reshape(source.shape[0], side, side, width)
+        return _dense(side * side * width, (None, "embed"), name, self.dtype,
+                      self.param_dtype)(source).reshape(source.shape[0], side, side, width)
 
     # ---------------------------------------------------------------------------------------------
     # Forward.
@@ -538,8 +538,7 @@ class UNet(nn.Module):
             text_emb, text_seq, text_keys = self._text_conditioning(text_tokens, text_mask,
                                                                     drop_text)
             if self.text_spatial:
-                maps.append(self._bottleneck_map(self.text_spatial, text_emb, "text_spatial_proj",
-                                                 zero=True))
+                maps.append(self._bottleneck_map(self.text_spatial, text_emb, "text_spatial_proj"))
             emb = emb + text_emb
             context.append(text_seq.astype(self.dtype))
             context_mask.append(text_keys)
