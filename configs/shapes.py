@@ -230,9 +230,10 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     # Without them the decoder did not learn where to draw within 1,600 CPU steps (README).
     c.model.clip_spatial = 0 if tiny else 8  # Side of the z_i-projected bottleneck map; 0 = none.
     c.model.coord_channels = not tiny  # Append pixel (x, y) to the input.
-    # Not in the paper either: the caption's pooled embedding as an 8 x 8 bottleneck map too. The
-    # shapes CLIP's z_i pins the position for ~80% of images only (1-NN over training z_i: 0.82).
-    c.model.text_spatial = 0 if tiny else 8  # Side of the caption-projected bottleneck map; 0 = none.
+    # Not in the paper either, and off: the caption's pooled embedding as a bottleneck map too (the
+    # shapes CLIP's z_i pins the position for ~80% of images only). Tried: it did not teach the
+    # caption pathway position within 2,000 fine-tuning steps (README).
+    c.model.text_spatial = 0  # Side of the caption-projected bottleneck map; 0 = none.
     c.model.text_width = 32 if tiny else 64  # The decoder's own caption transformer (GLIDE's pathway).
     c.model.text_depth = 1 if tiny else 2  # Its blocks (0 disables the text pathway).
     c.model.text_heads = 2  # Its heads.
