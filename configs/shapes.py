@@ -244,6 +244,9 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     c.diffusion.param, c.diffusion.min_snr_gamma = "v", 0.0
     c.diffusion.z_i_drop_prob = 0.1  # z_i replaced by its learned null (paper §2.1: 10%; §5.1 says 5%).
     c.diffusion.text_drop_prob = 0.5  # Caption dropped (paper: 50%).
+    # What guidance's unconditional half drops: "all" (z_i and caption, the paper) | "z_i" (keeps
+    # the caption: guides along z_i alone).
+    c.diffusion.guidance_drops = "all"
     c.train = train_config(
         batch_size=16 if tiny else 32, num_steps=10 if tiny else 4_000, learning_rate=1e-3,
         warmup_steps=2 if tiny else 100, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,

@@ -54,6 +54,35 @@ def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tm
     assert not np.allclose(doubled[4:], conditional, atol=1e-3)  # The unconditional half differs.
 
 
+@pytest.mark.parametrize("drops", ["all", "z_i"])
+def test_decoder_guidance_drops_what_the_config_says(clip_with_cache, tmp_path, drops):
+    """Guided output = uncond + s (cond - uncond) on the mean channels, where the unconditional
+    model drops z_i and the caption ("all") or z_i only ("z_i"); the variance is the conditional."""
+    config = config_for("decoder", clip_with_cache)
+    with config.unlocked():
+        config.diffusion.guidance_drops = drops
+    task = decoder_task.DecoderTask(config, str(tmp_path))
+    params = loop.unbox(task.init_params(jax.random.key(0)))
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
+    source = task.source("validation")
+    items = [source[i] for i in range(4)]
+    batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
+    x = jax.random.normal(jax.random.key(2), (4, task.side, task.side, 3))
+    t = jnp.full((4,), 500, jnp.int32)
+    yes, no = jnp.ones((4,), bool), jnp.zeros((4,), bool)
+    cond = task.model.apply({"params": params}, x, t, **task._conditioning(batch, no, no))
+    uncond = task.model.apply({"params": params}, x, t,
+                              **task._conditioning(batch, yes, yes if drops == "all" else no))
+    guided = task.guided_model_fn(params, batch["z_i"], batch["tokens"], 3.0)(x, t)
+    np.testing.assert_allclose(guided[..., :3], uncond[..., :3] + 3.0 * (cond[..., :3] - uncond[..., :3]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(guided[..., 3:], cond[..., 3:], rtol=1e-4, atol=1e-5)
+    with config.unlocked():
+        config.diffusion.guidance_drops = "caption"
+    with pytest.raises(ValueError, match="guidance_drops='caption'"):
+        task.guided_model_fn(params, batch["z_i"], batch["tokens"], 3.0)
+
+
 def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
     """`text_depth=0` (the benchmark's decoder): no caption inputs reach the UNet; z_i still does."""
     config = config_for("decoder")

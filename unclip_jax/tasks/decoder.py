@@ -48,6 +48,9 @@ class CachedImageSource:
                 "tokens": np.asarray(record["tokens"], np.int32), "caption": caption}
 
 
+GUIDANCE_DROPS = ("all", "z_i")  # What the unconditional half of guidance drops.
+
+
 class DecoderTask(Task):
     """Trains the decoder on (image, z_i, caption); evaluates decoded true z_i with the judge."""
 
@@ -141,11 +144,17 @@ class DecoderTask(Task):
         """The model function `(x_t, t) -> output` the samplers call: guided when the scale is not 1.
 
         The conditional half sees z_i [B, D] and the caption tokens [B, L] (or the caption's learned
-        null with `drop_text`, as for an image without a caption); the unconditional half neither.
+        null with `drop_text`, as for an image without a caption); the unconditional half sees
+        neither (`diffusion.guidance_drops="all"`, the paper's) or only the caption (`"z_i"`: the
+        guidance then pushes along z_i alone, with the caption held in both halves).
         """
+        drops = self.config.diffusion.get("guidance_drops", "all")
+        if drops not in GUIDANCE_DROPS:
+            raise ValueError(f"diffusion.guidance_drops={drops!r}: expected one of {GUIDANCE_DROPS}")
         batch = {"z_i": z_i, "tokens": tokens}
         b = z_i.shape[0]
         text_off = jnp.full((b,), bool(drop_text))
+        uncond_text_off = text_off if drops == "z_i" else jnp.ones((b,), bool)
 
         def model_fn(x, t):
             return self.model.apply({"params": params}, x, t,
@@ -158,7 +167,8 @@ class DecoderTask(Task):
             two = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
             drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
             return self.model.apply({"params": params}, x, t,
-                                    **self._conditioning(two, drop, jnp.concatenate([text_off, drop[b:]])))
+                                    **self._conditioning(two, drop,
+                                                         jnp.concatenate([text_off, uncond_text_off])))
 
         return samplers.guided(cond_uncond, guidance_scale,
                                learned_variance=bool(self.config.diffusion.learned_variance))
