@@ -35,8 +35,9 @@ def test_decoder_evaluation_judges_decoded_images_and_writes_a_grid(clip_with_ca
     assert any(g.startswith("decoded_vs_real") for g in grids)
 
 
-def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
-    config = config_for("decoder", clip_with_cache)
+def _task_with_random_params(config, tmp_path):
+    """A decoder task, perturbed init params (a zero-init output would hide the conditioning), the
+    conditioning of 4 validation examples, and x_t, t for one model call."""
     task = decoder_task.DecoderTask(config, str(tmp_path))
     params = loop.unbox(task.init_params(jax.random.key(0)))
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
@@ -45,6 +46,12 @@ def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tm
     batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
     x = jax.random.normal(jax.random.key(2), (4, task.side, task.side, 3))
     t = jnp.full((4,), 500, jnp.int32)
+    return task, params, batch, x, t
+
+
+def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
+    config = config_for("decoder", clip_with_cache)
+    task, params, batch, x, t = _task_with_random_params(config, tmp_path)
     conditional = task.model.apply({"params": params}, x, t, **task._conditioning(batch))
     two = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
     drop = jnp.concatenate([jnp.zeros((4,), bool), jnp.ones((4,), bool)])
@@ -61,14 +68,7 @@ def test_decoder_guidance_drops_what_the_config_says(clip_with_cache, tmp_path, 
     config = config_for("decoder", clip_with_cache)
     with config.unlocked():
         config.diffusion.guidance_drops = drops
-    task = decoder_task.DecoderTask(config, str(tmp_path))
-    params = loop.unbox(task.init_params(jax.random.key(0)))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
-    source = task.source("validation")
-    items = [source[i] for i in range(4)]
-    batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
-    x = jax.random.normal(jax.random.key(2), (4, task.side, task.side, 3))
-    t = jnp.full((4,), 500, jnp.int32)
+    task, params, batch, x, t = _task_with_random_params(config, tmp_path)
     yes, no = jnp.ones((4,), bool), jnp.zeros((4,), bool)
     cond = task.model.apply({"params": params}, x, t, **task._conditioning(batch, no, no))
     uncond = task.model.apply({"params": params}, x, t,
