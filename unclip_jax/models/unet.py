@@ -20,9 +20,8 @@ One module, `UNet`; its fields decide the role:
 - `text_spatial=s` (not in the paper) does the same for the caption: its pooled embedding term
   (the learned null when dropped) projected to an s x s bottleneck map. CLIP's z_i pins the layout
   only as well as CLIP learned it; the caption states it outright. Randomly initialised like the
-  z_i map: a zero-initialised one gives the caption encoder no gradient through it, and the
-  pair (encoder, projection) stays at that saddle (measured: position from the caption alone at
-  chance after 2,000 warm-started steps).
+  z_i map (a zero-initialised projection passes the caption encoder no gradient through it). On
+  shapes it has not yet taught the caption pathway position (README).
 - `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
   layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
   instead of being inferred from the zero padding.
@@ -625,8 +624,9 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
-           "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width", "text_depth",
-           "text_heads", "text_causal", "num_timesteps", "remat", "attention_implementation")
+           "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
+           "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
+           "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
 
 
