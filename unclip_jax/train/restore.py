@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -110,38 +111,25 @@ def _load_state(workdir: str, step: int | None, mesh: Mesh | None):
     return config, task, state, int(restored_step), mesh
 
 
-def _flat(tree) -> dict[str, Any]:
-    return {jax.tree_util.keystr(path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def merge_params(target: Any, source: Any, *, what: str = "source") -> tuple[Any, list[str]]:
-    """`target`'s tree with every leaf that `source` has at the same path and shape taken from it.
+    """`target`'s tree with every leaf that `source` has at the same path taken from it.
 
     Returns (merged tree, the target paths `source` lacks: they keep their values). Leaves go to
     the target leaf's sharding (and dtype).
 
     Raises:
       ValueError: a shared path has different shapes, or `source` has paths `target` lacks (the
-        new model would silently drop trained weights), listing them all.
+        new model would silently drop trained weights), listing them all (as a restore does).
     """
-    flat_t, flat_s = _flat(target), _flat(source)
-    mismatched = [f"{k}: {tuple(flat_s[k].shape)} in the source, {tuple(v.shape)} in the model"
-                  for k, v in flat_t.items() if k in flat_s and flat_s[k].shape != v.shape]
-    dropped = sorted(set(flat_s) - set(flat_t))
-    if mismatched or dropped:
-        lines = mismatched + [f"{k}: in the source, not in the model" for k in dropped]
-        raise ValueError(f"cannot warm-start from {what}: the params differ in {len(lines)} "
-                         "entries:\n  " + "\n  ".join(lines))
-
-    def take(path, leaf):
-        key = jax.tree_util.keystr(path)
-        if key not in flat_s:
-            return leaf
-        return jax.device_put(jax.numpy.asarray(flat_s[key], leaf.dtype), leaf.sharding)
-
-    merged = jax.tree_util.tree_map_with_path(take, target)
-    return merged, sorted(set(flat_t) - set(flat_s))
+    have, want = checkpointing._flat_shapes(source), checkpointing._flat_shapes(target)
+    differences = checkpointing._tree_differences(have, {k: v for k, v in want.items() if k in have})
+    if differences:
+        raise ValueError(f"cannot warm-start from {what}: the params differ in {len(differences)} "
+                         "entries:\n  " + "\n  ".join(differences))
+    flat, stored = ocp.tree.to_flat_dict(target, sep="/"), ocp.tree.to_flat_dict(source, sep="/")
+    merged = {k: (jax.device_put(jax.numpy.asarray(stored[k], v.dtype), v.sharding)
+                  if k in stored else v) for k, v in flat.items()}
+    return ocp.tree.from_flat_dict(merged, target=target, sep="/"), sorted(set(want) - set(have))
 
 
 def warm_start(state: state_lib.TrainState, source_workdir: str, mesh: Mesh) -> tuple[
