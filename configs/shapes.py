@@ -106,9 +106,12 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"  # Rematerialisation: none | full | dots_saveable | nothing_saveable.
 
     c.train = train_config(
-        batch_size=32 if tiny else 128, num_steps=20 if tiny else 800, learning_rate=1e-3,
+        # 2,400 steps, not 800: retrieval is ~1.0 by 800 but z_i's position (what the decoder must
+        # draw) is not: a linear probe of z_i reads the position of 75% of single-object images
+        # after 800 steps, 98% after 2,400 (README).
+        batch_size=32 if tiny else 128, num_steps=20 if tiny else 2_400, learning_rate=1e-3,
         warmup_steps=5 if tiny else 100, weight_decay=0.1, b2=0.98, eps=1e-6, ema_decay=0.999,
-        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 200)
+        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 400)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_examples = 64 if tiny else 1_000  # Images per split for retrieval evaluation.
