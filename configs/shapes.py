@@ -119,6 +119,8 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     c.eval.batch_size = 64 if tiny else 250  # Evaluation batch.
     c.eval.use_ema = True  # Evaluate the EMA params.
     c.eval.splits = ("validation", "heldout")  # Splits evaluated (missing splits are skipped).
+    # Training images fitting the linear / 1-NN probes of z_i's attributes (position, shape, ...); 0: off.
+    c.eval.probe_train_examples = 512 if tiny else 6_000
 
     c.mesh = mesh_config()
     return c

@@ -41,3 +41,29 @@ def test_task_tokenizes_and_pads_vocab_for_sharding(tmp_path):
     # The tokenizer trained into the workdir is reused by the next task.
     again = clip_task.ClipTask(config, str(tmp_path))
     assert again.tokenizer.vocab_size == task.tokenizer.vocab_size
+
+
+def test_evaluate_reports_retrieval_and_z_i_probes_on_shapes(tmp_path):
+    config = shapes_config.get_config("clip,tiny")
+    task = clip_task.ClipTask(config, str(tmp_path))
+    rng = np.random.default_rng(0)  # Random params of the right shapes, without the slow init.
+    params = jax.tree.map(lambda s: (0.1 * rng.normal(size=s.shape)).astype(s.dtype),
+                          jax.eval_shape(task.init_params, jax.random.key(0)))
+    mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+    results = task.evaluate(params, mesh)
+    for split in ("validation", "heldout"):
+        assert 0.0 <= results[f"eval/{split}/retrieval_top1_of_8"] <= 1.0
+        assert 0 < results[f"eval/{split}/probe_num_examples"] <= config.eval.num_examples
+        for name in ("position", "shape", "size", "color", "background"):
+            for kind in ("linear", "1nn"):
+                assert 0.0 <= results[f"eval/{split}/probe_{name}_{kind}"] <= 1.0
+    # Captions outside the shapes grammar (another data set's): no probe, nothing embedded.
+    z_i = np.ones((2, config.model.embed_dim), np.float32)
+    assert task.probe(params, mesh, z_i, ["a photo of a dog", "a cat"], "validation", {}) == {}
+    with config.unlocked():
+        config.eval.probe_train_examples = 0
+    assert not task.probe_enabled()
+    with config.unlocked():
+        config.eval.probe_train_examples = 512
+        config.data.source, config.data.tfds_name = "tfds", "laion/subset"
+    assert not task.probe_enabled()

@@ -19,6 +19,7 @@ from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.data import shapes
 from unclip_jax.data import tfds_builders
 from unclip_jax.data import tokenizer as tokenizer_lib
+from unclip_jax.evaluation import embedding_probe
 from unclip_jax.models import clip as clip_lib
 from unclip_jax.tasks.base import Task
 
@@ -88,7 +89,8 @@ def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> 
 
 
 class ClipTask(Task):
-    """Trains the CLIP towers; evaluates zero-shot caption retrieval on validation and heldout."""
+    """Trains the CLIP towers; evaluates zero-shot caption retrieval on validation and heldout, and
+    on shapes data linear / 1-NN probes of z_i's attributes (`evaluation/embedding_probe.py`)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         super().__init__(config, workdir)
@@ -171,32 +173,67 @@ class ClipTask(Task):
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
         results = {}
+        probe_train = {}  # The probe's training z_i and captions, embedded on first use.
         for split in self.config.eval.splits:
             try:
                 source = pipeline_lib.make_source(self.config.data, split)
             except tfds_builders.MissingSplitError:
                 logging.info("No %r split: skipping its evaluation.", split)
                 continue
-            results.update(self.retrieval(params, mesh, source, split))
+            z_i, captions = self.embed_examples(params, mesh, source, int(self.config.eval.num_examples))
+            results.update(self.retrieval(params, mesh, z_i, captions, split))
+            results.update(self.probe(params, mesh, z_i, captions, split, probe_train))
         return results
 
-    def retrieval(self, params, mesh: Mesh, source, split: str) -> dict[str, float]:
-        """Zero-shot caption retrieval: each image picks its caption among `num_candidates`.
+    def probe(self, params, mesh: Mesh, z_i: np.ndarray, captions: list[str], split: str,
+              train: dict) -> dict[str, float]:
+        """Linear and 1-NN probes of the attributes of z_i (`embedding_probe.attribute_probe`).
+
+        Only when `probe_enabled`, and only for captions of the shapes grammar ({} otherwise). The
+        probe is fitted on the first `eval.probe_train_examples` training images, embedded on first
+        use and kept in `train` (so once per evaluation).
+        """
+        if not self.probe_enabled():
+            return {}
+        if not any(embedding_probe.single_object_attributes(captions)):
+            logging.info("No single-object shapes caption in %r: skipping the z_i probe.", split)
+            return {}
+        if not train:
+            source = pipeline_lib.make_source(self.config.data, "train")
+            train["z_i"], train["captions"] = self.embed_examples(
+                params, mesh, source, int(self.config.eval.probe_train_examples))
+        probe = embedding_probe.attribute_probe(train["z_i"], train["captions"], z_i, captions)
+        if not probe:
+            logging.info("No single-object shapes caption among the training images: skipping the z_i probe.")
+        return {f"eval/{split}/{k}": v for k, v in probe.items()}
+
+    def probe_enabled(self) -> bool:
+        """Whether `evaluate` probes z_i's attributes: `eval.probe_train_examples` > 0, shapes data."""
+        data = self.config.data
+        shapes_data = data.get("source") == "procedural" or (
+            data.get("source") == "tfds" and str(data.get("tfds_name", "")).startswith("shapes/"))
+        return int(self.config.eval.get("probe_train_examples", 0)) > 0 and shapes_data
+
+    def embed_examples(self, params, mesh: Mesh, source, num_examples: int) -> tuple[np.ndarray, list[str]]:
+        """(unit z_i [N, embed_dim], captions) of the first `num_examples` examples of `source`."""
+        images, captions = [], []
+        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
+                                               num_examples=num_examples,
+                                               batch_size=self.config.eval.batch_size):
+            images.append(batch["image"])
+            captions.extend(str(c) for c in batch["caption"])
+        return self.embed(params, mesh, images=np.concatenate(images)), captions
+
+    def retrieval(self, params, mesh: Mesh, z_i: np.ndarray, captions: list[str],
+                  split: str) -> dict[str, float]:
+        """Zero-shot caption retrieval: each image (unit z_i) picks its caption among `num_candidates`.
 
         The candidates are the image's own caption and distractors drawn (fixed seed) from the other
         distinct captions of the evaluated examples of the same split.
         """
         ev = self.config.eval
-        images, captions = [], []
-        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
-                                               num_examples=ev.num_examples,
-                                               batch_size=ev.batch_size):
-            images.append(batch["image"])
-            captions.extend(str(c) for c in batch["caption"])
-        images = np.concatenate(images)
         pool = sorted(set(captions))
         index = {c: i for i, c in enumerate(pool)}
-        z_i = self.embed(params, mesh, images=images)
         z_t = self.embed(params, mesh, tokens=self.tokenizer(pool))
         scores = z_i @ z_t.T  # [N, len(pool)]
         truth = np.array([index[c] for c in captions])
