@@ -33,9 +33,12 @@ flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step)
 flags.DEFINE_integer("sample_repeats", 2, "Timed sampling calls (after one compiling call).")
 flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
 flags.DEFINE_bool("remat", False, "Rematerialise every block in the backward pass.")
+flags.DEFINE_integer("batch_size", 8, "Training batch (the issue's fixed config: 8; larger to fill a GPU).")
+flags.DEFINE_float("peak_tflops", 0.0, "The chip's peak TFLOP/s for the activation dtype, to report MFU "
+                   "(e.g. 989 for an H100 SXM in bfloat16); 0 = no MFU.")
 FLAGS = flags.FLAGS
 
-SIDE, D, L, BATCH, NUM_SAMPLES, STEPS, GUIDANCE = 64, 256, 77, 8, 4, 50, 3.0
+SIDE, D, L, NUM_SAMPLES, STEPS, GUIDANCE = 64, 256, 77, 4, 50, 3.0
 
 
 def fixed_config():
@@ -48,7 +51,7 @@ def fixed_config():
         m.clip_spatial, m.coord_channels = 0, False  # the paper's conditioning only
         config.diffusion.learned_variance = True
         config.diffusion.sampler, config.diffusion.sample_steps = "ddim", STEPS
-        config.train.batch_size = BATCH
+        config.train.batch_size = FLAGS.batch_size
         config.eval.batch_size = NUM_SAMPLES
         config.mesh.shape, config.mesh.num_devices = (1, 1, 1), 1
     return config
@@ -69,7 +72,7 @@ def main(_):
     mesh = parallel.mesh_from_config(config.mesh)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
-        batch = parallel.global_batch_from_local(random_batch(BATCH, rng), mesh)
+        batch = parallel.global_batch_from_local(random_batch(FLAGS.batch_size, rng), mesh)
         timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
         params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(0))
         cond = random_batch(NUM_SAMPLES, rng)
@@ -79,9 +82,10 @@ def main(_):
     print(json.dumps({
         "benchmark": "decoder", "image_size": SIDE, "base_channels": 64, "channel_mult": [1, 2, 4],
         "num_res_blocks": 2, "attention_resolutions": [16], "clip_dim": D, "text_pathway": False,
-        "learned_variance": True, "batch_size": BATCH, "activation_dtype": FLAGS.dtype,
+        "learned_variance": True, "batch_size": FLAGS.batch_size, "activation_dtype": FLAGS.dtype,
         "remat": FLAGS.remat, **timings,
         "train_images_per_sec": timings["examples_per_sec_step_only"],
+        **common.utilization(timings, FLAGS.peak_tflops),
         "sampling": {"images": NUM_SAMPLES, "sampler": "ddim", "steps": STEPS,
                      "guidance_scale": GUIDANCE,
                      **sampling},

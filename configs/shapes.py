@@ -226,7 +226,8 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.shuffle_seed = 0  # Seed of the (per-epoch) shuffle of the training stream.
     c.data.num_threads = 4  # Grain threads decoding images.
-    # Sized to train at ~15 images/s on the 2-core CPU; not yet at the judge bar (see the README).
+    # Sized to train at ~30 images/s on the 2-core CPU. 8,000 steps (README): single-object exact 0.91
+    # after 4,000, 0.985 after 8,000, two-object 0.21 -> 0.66 (a straight run of these defaults).
     c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 2),
                           res_blocks=1, attention=(8,), image_size=16 if tiny else 32, tiny=tiny)
     c.model.clip_tokens = 4  # Extra context tokens projected from z_i (paper: 4).
@@ -253,7 +254,7 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     # the caption: guides along z_i alone).
     c.diffusion.guidance_drops = "all"
     c.train = train_config(
-        batch_size=16 if tiny else 32, num_steps=10 if tiny else 4_000, learning_rate=1e-3,
+        batch_size=16 if tiny else 32, num_steps=10 if tiny else 8_000, learning_rate=1e-3,
         warmup_steps=2 if tiny else 100, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,
         log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 200)
     c.eval = ml_collections.ConfigDict()
