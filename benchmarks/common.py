@@ -25,9 +25,12 @@ def step_flops(lowered, compiled) -> float:
     """
     for stage in (lowered, compiled):
         try:
-            flops = (stage.cost_analysis() or {}).get("flops")
+            cost = stage.cost_analysis()
         except Exception:  # noqa: BLE001 - not every backend analyses every stage
-            flops = None
+            continue
+        if isinstance(cost, (list, tuple)):  # one dict per module in some jax versions
+            cost = cost[0] if cost else {}
+        flops = (cost or {}).get("flops")
         if flops:
             return float(flops)
     return float("nan")

@@ -9,7 +9,7 @@ one). With three levels the resolutions are 64, 32 and 16 px, so "attention at 1
 mean 16 px here (plus the middle block, also at 16 px); `--attention_resolutions 32,16` adds 32 px.
 
 Reports the parameter count, XLA's cost-analysis GFLOPs per example for the forward pass and for
-forward+backward (`jax.jit(...).lower(...).compile().cost_analysis()`), and forward+backward
+forward+backward (`common.step_flops`: the HLO before backend passes), and forward+backward
 images/s for float32 and bfloat16 activations (params float32) with remat off and on. Every
 variant is compiled ahead of time and warmed up; then `--rounds` rounds time `--steps` steps of
 each variant in turn (interleaved, so a busy shared machine slows all alike); the median is
@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from unclip_jax.models.unet import UNet, count_params  # noqa: E402
 
 
@@ -88,13 +89,6 @@ def _forward(model, params, batch):
     return model.apply(params, batch["x_t"], batch["t"], **cond)
 
 
-def _flops(compiled):
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan")))
-
-
 def main():
     args = _parse()
     batch = _batch(args)
@@ -110,9 +104,10 @@ def main():
                                        for k, x in zip(keys, leaves)])
 
     t0 = time.perf_counter()
-    forward = jax.jit(lambda p, b: _forward(reference, p, b)).lower(params, batch).compile()
+    forward_lowered = jax.jit(lambda p, b: _forward(reference, p, b)).lower(params, batch)
+    forward = forward_lowered.compile()
     forward_compile_s = time.perf_counter() - t0
-    forward_gflops = _flops(forward) / args.batch / 1e9
+    forward_gflops = common.step_flops(forward_lowered, forward) / args.batch / 1e9
 
     variants = list(itertools.product(args.dtypes.split(","),
                                       [v.lower() == "true" for v in args.remat.split(",")]))
@@ -124,14 +119,15 @@ def main():
             return jnp.mean(jnp.square(_forward(model, p, b) - b["target"]))
 
         t0 = time.perf_counter()
-        step = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile()
+        step_lowered = jax.jit(jax.value_and_grad(loss)).lower(params, batch)
+        step = step_lowered.compile()
         compile_s = time.perf_counter() - t0
         jax.block_until_ready(step(params, batch))  # warm-up
-        compiled.append((step, compile_s))
+        compiled.append((step, compile_s, common.step_flops(step_lowered, step)))
 
     rates = [[] for _ in variants]
     for _ in range(args.rounds):
-        for i, (step, _) in enumerate(compiled):
+        for i, (step, _, _) in enumerate(compiled):
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 out = step(params, batch)
@@ -139,10 +135,10 @@ def main():
             rates[i].append(args.steps * args.batch / (time.perf_counter() - t0))
 
     results = []
-    for (dtype, remat), (step, compile_s), r in zip(variants, compiled, rates):
+    for (dtype, remat), (step, compile_s, flops), r in zip(variants, compiled, rates):
         results.append(dict(
             dtype=dtype, remat=remat, compile_s=round(compile_s, 1),
-            train_gflops_per_example=round(_flops(step) / args.batch / 1e9, 2),
+            train_gflops_per_example=round(flops / args.batch / 1e9, 2),
             images_per_s=round(statistics.median(r), 2),
             images_per_s_rounds=[round(x, 2) for x in r]))
     print(json.dumps(dict(
