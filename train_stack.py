@@ -1,20 +1,25 @@
 """Trains the whole embedded unCLIP stack on shapes from scratch, then samples it and judges the pixels.
 
-  python train_stack.py [--root runs] [--num_captions 50] [--tiny]
+  python train_stack.py [--preset fast|full|tiny] [--root runs/stack_<preset>] [--num_captions N]
 
 Stages, each an ordinary `train.py` workdir under `--root` (configs/shapes.py variants):
 
   shapes_clip -> shapes_clip/cache (embed.py) -> shapes_prior -> shapes_decoder -> shapes_upsampler
 
+Presets: `fast` (the default; the `,fast` configs: under 30 minutes on a 2-core CPU), `full` (the
+configs' defaults, the README's quality runs: hours on a CPU, minutes on a GPU), `tiny` (the
+`,tiny` configs: a smoke test in a few minutes whose scores mean nothing). A root belongs to one
+preset (`<root>/stack.json` says which).
+
 A stage whose final checkpoint exists is not retrained (nor re-evaluated); an interrupted stage
 resumes from its latest checkpoint. Then text -> image for `--num_captions` captions of each of
 four sets (training / held-out captions, single / two objects) through `unclip_jax.pipeline`; the
-shapes judge's scores are printed and written to `<root>/stack_eval.json`, and a grid of the
-samples (one row per set) to `<root>/stack_samples.png`. `--tiny` runs the `,tiny` configs (a
-smoke test in a few minutes; its scores mean nothing).
+shapes judge's scores and each stage's wall-clock seconds are printed and written to
+`<root>/stack_eval.json`, and a grid of the samples (one row per set) to `<root>/stack_samples.png`.
 """
 import json
 import os
+import time
 
 from absl import app, flags, logging
 
@@ -24,25 +29,32 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():  # Only when run as a script: tests import this module beside sample.py.
-    flags.DEFINE_string("root", "runs", "Directory holding one workdir per stage.")
-    flags.DEFINE_integer("num_captions", 50, "Captions per caption set for the final judge.")
+    flags.DEFINE_enum("preset", "fast", PRESETS, "fast: under 30 min on a 2-core CPU; full: the "
+                      "configs' defaults (the README's quality runs); tiny: smoke test.")
+    flags.DEFINE_string("root", None, "Directory holding one workdir per stage (default: "
+                        "runs/stack_<preset>).")
+    flags.DEFINE_integer("num_captions", None, "Captions per caption set for the final judge "
+                         "(default: 25 for fast, 50 for full, 2 for tiny).")
     flags.DEFINE_integer("grid_columns", 8, "Samples per caption set shown in the grid.")
     flags.DEFINE_integer("seed", 0, "Seed of the final captions and samples.")
-    flags.DEFINE_bool("tiny", False, "Use the `,tiny` configs (smoke test).")
 
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
+PRESETS = ("fast", "full", "tiny")
+NUM_CAPTIONS = {"fast": 25, "full": 50, "tiny": 2}
 
 
 def stage_workdir(root: str, stage: str) -> str:
     return os.path.join(root, f"shapes_{stage}")
 
 
-def stage_config(stage: str, root: str, tiny: bool):
-    """configs/shapes.py:<stage>[,tiny], reading the CLIP (and its cache) trained under `root`."""
+def stage_config(stage: str, root: str, preset: str):
+    """configs/shapes.py:<stage>[,fast|,tiny], reading the CLIP (and its cache) trained under `root`."""
     from configs import shapes
 
-    config = shapes.get_config(stage + (",tiny" if tiny else ""))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    config = shapes.get_config(stage + ("" if preset == "full" else f",{preset}"))
     if "clip_workdir" in config:
         with config.unlocked():
             config.clip_workdir, config.cache_dir = stage_workdir(root, "clip"), ""
@@ -61,22 +73,47 @@ def is_complete(config, workdir: str) -> bool:
     return latest is not None and latest >= int(config.train.num_steps)
 
 
-def train_stages(root: str, tiny: bool) -> dict:
-    """Trains every stage that is not complete (and the CLIP embedding cache); returns their metrics."""
+def claim_root(root: str, preset: str) -> None:
+    """Records `preset` in `<root>/stack.json`; a root holding another preset's stages is an error
+    (their checkpoints would resume into configs they were not trained with)."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "stack.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            held = json.load(f).get("preset")
+        if held != preset:
+            raise ValueError(f"{root} holds the {held!r} stack; --preset {preset} needs another "
+                             f"--root (e.g. runs/stack_{preset})")
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"preset": preset}, f)
+
+
+def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
+    """Trains every stage that is not complete (and the CLIP embedding cache); returns their metrics.
+
+    `timings`, when given, receives each step's wall-clock seconds ("clip", "embed", ...).
+    """
     from unclip_jax.tasks import embed
     from unclip_jax.train import loop
 
+    claim_root(root, preset)
+    timings = {} if timings is None else timings
     results = {}
     for stage in STAGES:
-        config, workdir = stage_config(stage, root, tiny), stage_workdir(root, stage)
+        config, workdir = stage_config(stage, root, preset), stage_workdir(root, stage)
+        start = time.perf_counter()
         if is_complete(config, workdir):
             logging.info("Stage %s: complete in %s, not retrained", stage, workdir)
         else:
             logging.info("Stage %s: training in %s", stage, workdir)
             results[stage] = loop.train_and_evaluate(config, workdir)
+        timings[stage] = round(time.perf_counter() - start, 1)
         if stage == "clip":  # Resumable: a complete cache is only checked.
+            start = time.perf_counter()
             clip_dir = stage_workdir(root, "clip")
             embed.build_clip_cache(clip_dir, os.path.join(clip_dir, "cache"), progress=True)
+            timings["embed"] = round(time.perf_counter() - start, 1)
     return results
 
 
@@ -90,12 +127,7 @@ def judge_stack(root: str, num_captions: int, columns: int, seed: int) -> dict:
     from unclip_jax.pipeline import UnCLIPPipeline
     from unclip_jax.train import metrics
 
-    config = pipeline_shapes.get_config()
-    with config.unlocked():
-        config.clip_workdir = stage_workdir(root, "clip")
-        config.prior_workdir = stage_workdir(root, "prior")
-        config.decoder_workdir = stage_workdir(root, "decoder")
-        config.upsampler_workdirs = (stage_workdir(root, "upsampler"),)
+    config = pipeline_shapes.get_config(root)  # <root>/shapes_<stage>, as stage_workdir names them
     pipe = UnCLIPPipeline.from_config(config)
     scores, samples = pipeline_eval.text_to_image(pipe, num_captions, seed=seed, return_samples=True)
     rows = [images[:columns] for _, images, _ in samples.values()]
@@ -110,15 +142,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.start()
-    root = os.path.abspath(os.path.expanduser(FLAGS.root))
-    os.makedirs(root, exist_ok=True)
-    train_stages(root, FLAGS.tiny)
-    scores = judge_stack(root, FLAGS.num_captions, FLAGS.grid_columns, FLAGS.seed)
+    preset = FLAGS.preset
+    root = os.path.abspath(os.path.expanduser(FLAGS.root or f"runs/stack_{preset}"))
+    num_captions = FLAGS.num_captions or NUM_CAPTIONS[preset]
+    timings = {}
+    train_stages(root, preset, timings)
+    start = time.perf_counter()
+    scores = judge_stack(root, num_captions, FLAGS.grid_columns, FLAGS.seed)
+    timings["judge"] = round(time.perf_counter() - start, 1)
+    scores["preset"], scores["seconds"] = preset, timings
     with open(os.path.join(root, "stack_eval.json"), "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=2)
     print("Text -> image, shapes judge (rate of images whose every attribute matches the caption):")
     for key in sorted(k for k in scores if k.endswith("/exact")):
         print(f"  {key}: {scores[key]:.3f}")
+    print("Seconds (this run; 0-ish for stages already complete):",
+          ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), f"; total {sum(timings.values()):.0f}")
     print(f"Grid: {os.path.join(root, 'stack_samples.png')}; all scores: {os.path.join(root, 'stack_eval.json')}")
 
 

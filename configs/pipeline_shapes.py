@@ -5,6 +5,9 @@ center on a white background"`. Each stage is a `train.py` workdir (configs/shap
 any field can be overridden on the command line, e.g. `--config.decoder.guidance_scale=2`,
 `--config.upsampler_workdirs='()'` (stop at the decoder's 32 px). Sampling fields left unset
 (None) take the stage's own config value.
+
+After `train_stack.py`, name its root after the colon to sample its stages:
+`--config configs/pipeline_shapes.py:runs/stack_fast` (workdirs `<root>/shapes_<stage>`).
 """
 from __future__ import annotations
 
@@ -13,13 +16,12 @@ from ml_collections import config_dict
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"configs/pipeline_shapes.py takes no variant, got {arg!r}")
+    root = (arg or "runs").rstrip("/")  # A train_stack.py root, or runs/ of the README's train.py runs.
     c = ml_collections.ConfigDict()
-    c.clip_workdir = "runs/shapes_clip"  # The trained CLIP (tokenizer, text and image encoders).
-    c.prior_workdir = "runs/shapes_prior"  # The trained diffusion prior.
-    c.decoder_workdir = "runs/shapes_decoder"  # The trained decoder (32 px).
-    c.upsampler_workdirs = ("runs/shapes_upsampler",)  # Upsamplers in order (32 -> 128 px); () for none.
+    c.clip_workdir = f"{root}/shapes_clip"  # The trained CLIP (tokenizer, text and image encoders).
+    c.prior_workdir = f"{root}/shapes_prior"  # The trained diffusion prior.
+    c.decoder_workdir = f"{root}/shapes_decoder"  # The trained decoder (32 px).
+    c.upsampler_workdirs = (f"{root}/shapes_upsampler",)  # Upsamplers in order (32 -> 128 px); () for none.
     c.params = "ema"  # Which params of each checkpoint: ema | params.
 
     c.prior = ml_collections.ConfigDict()

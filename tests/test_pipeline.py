@@ -116,6 +116,9 @@ def test_settings_from_the_pipeline_config():
     s = pipeline_lib.Settings.from_config(config)
     assert s.prior.steps == 32 and s.decoder.guidance_scale == 2.0 and s.upsampler.sampler == "dpm++2m"
     assert config.upsampler_workdirs == ("runs/shapes_upsampler",)
+    stack = pipeline_shapes.get_config("runs/stack_fast/")  # a train_stack.py root
+    assert stack.decoder_workdir == "runs/stack_fast/shapes_decoder"
+    assert stack.upsampler_workdirs == ("runs/stack_fast/shapes_upsampler",)
 
 
 @pytest.mark.parametrize("make, match", [

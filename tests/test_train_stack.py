@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import train_stack
@@ -10,12 +11,16 @@ import train_stack
 
 def test_tiny_stack_trains_every_stage_once_then_judges_samples(tmp_path):
     root = str(tmp_path / "runs")
-    first = train_stack.train_stages(root, tiny=True)
+    timings = {}
+    first = train_stack.train_stages(root, "tiny", timings)
+    assert set(timings) == set(train_stack.STAGES) | {"embed"}
     assert set(first) == set(train_stack.STAGES)
     assert all(np.isfinite(first[s]["train/loss"]) for s in train_stack.STAGES)
     assert os.path.isdir(os.path.join(root, "shapes_clip", "cache", "train"))
 
-    assert train_stack.train_stages(root, tiny=True) == {}  # Complete stages are not retrained.
+    assert train_stack.train_stages(root, "tiny") == {}  # Complete stages are not retrained.
+    with pytest.raises(ValueError, match="holds the 'tiny' stack"):  # Another preset's root.
+        train_stack.train_stages(root, "fast")
 
     scores = train_stack.judge_stack(root, num_captions=2, columns=2, seed=0)
     for split in ("train", "heldout"):

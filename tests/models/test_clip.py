@@ -189,3 +189,27 @@ def test_logit_scale_initialised_to_log_inverse_temperature(fp32_model_and_vars)
     _, variables = fp32_model_and_vars
     value = nn.meta.unbox(variables)["params"]["logit_scale"]
     np.testing.assert_allclose(value, math.log(1 / 0.07), rtol=1e-6)
+
+
+def test_bfloat16_matmul_operands_stay_close_to_float32(fp32_model_and_vars):
+    model, variables = fp32_model_and_vars
+    images, tokens = _inputs()
+    mixed = CLIP(**TINY, matmul_dtype=jnp.bfloat16)
+    z_i, z_t, _ = model.apply(variables, images, tokens)
+    z_i16, z_t16, _ = mixed.apply(variables, images, tokens)  # same params: only the products change
+    assert z_i16.dtype == z_t16.dtype == jnp.float32
+    np.testing.assert_allclose(z_i16, z_i, atol=3e-2)
+    np.testing.assert_allclose(z_t16, z_t, atol=3e-2)
+    assert not np.allclose(z_i16, z_i, atol=1e-6)  # the bfloat16 products did run
+
+    def loss(params, m):
+        a, b, s = m.apply({"params": params}, images, tokens)
+        return jnp.sum(s * a @ b.T)
+
+    g32 = jax.grad(loss)(variables["params"], model)
+    g16 = jax.grad(loss)(variables["params"], mixed)
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+        assert np.all(np.isfinite(b))
+        np.testing.assert_allclose(b, a, atol=5e-2 * (np.abs(a).max() + 1e-3))
+    cfg = ml_collections.ConfigDict(dict(TINY, matmul_dtype="bfloat16"))
+    assert clip_model_from_config(cfg, vocab_size=VOCAB, eot_token_id=VOCAB - 1).matmul_dtype == jnp.bfloat16

@@ -144,3 +144,14 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         shapes_config.get_config("nope")
+
+
+def test_config_options_are_checked_and_fast_shortens_every_stage():
+    with pytest.raises(ValueError, match="unknown option"):
+        shapes_config.get_config("clip,huge")
+    with pytest.raises(ValueError, match="exclude each other"):
+        shapes_config.get_config("clip,fast,tiny")
+    for variant in shapes_config.VARIANTS:
+        full, fast = shapes_config.get_config(variant), shapes_config.get_config(f"{variant},fast")
+        assert fast.train.num_steps < full.train.num_steps
+        assert fast.to_dict().keys() == full.to_dict().keys()  # same fields: only values change

@@ -50,6 +50,7 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    matmul_dtype: Dtype | None = None  # operand dtype of the transformer's projections (layers.matmul)
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
@@ -83,7 +84,8 @@ class VisionTransformer(nn.Module):
         x = Transformer(depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         activation=self.activation, causal=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                        remat_policy=self.remat_policy, name="encoder")(x)
+                        remat_policy=self.remat_policy, matmul_dtype=self.matmul_dtype,
+                        name="encoder")(x)
         return LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_post")(x[:, 0])
 
 
@@ -105,6 +107,7 @@ class TextTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    matmul_dtype: Dtype | None = None  # operand dtype of the transformer's projections (layers.matmul)
 
     def eot_positions(self, tokens: Array) -> Array:
         """Index of the EOT token in each row of tokens [B, L] -> int32 [B].
@@ -138,7 +141,8 @@ class TextTransformer(nn.Module):
         x = Transformer(depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                         activation=self.activation, causal=True, dtype=self.dtype,
                         param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                        remat_policy=self.remat_policy, name="encoder")(x)
+                        remat_policy=self.remat_policy, matmul_dtype=self.matmul_dtype,
+                        name="encoder")(x)
         hidden = LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")(x)
         eot = self.eot_positions(tokens)
         pooled = jnp.take_along_axis(hidden, eot[:, None, None], axis=1)[:, 0]
@@ -170,6 +174,9 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
+    # bfloat16 operands (float32 accumulation) for every transformer projection, forward and
+    # backward: ~2x faster training on AMX CPUs (see layers.matmul). None: `dtype`.
+    matmul_dtype: Dtype | None = None
 
     def setup(self):
         if self.eot_pooling not in EOT_POOLING_MODES:
@@ -178,7 +185,7 @@ class CLIP(nn.Module):
         get_activation(self.activation)
         common = dict(mlp_ratio=self.mlp_ratio, activation=self.activation, dtype=self.dtype,
                       param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                      remat_policy=self.remat_policy)
+                      remat_policy=self.remat_policy, matmul_dtype=self.matmul_dtype)
         self.vision_model = VisionTransformer(
             image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width,
             depth=self.vision_depth, num_heads=self.vision_heads, **common)
@@ -232,7 +239,8 @@ def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
     Required: embed_dim, image_size, patch_size, vision_width, vision_depth, vision_heads,
     text_width, text_depth, text_heads. Optional (module defaults otherwise): context_length,
     mlp_ratio, activation, eot_pooling (default "eot_id", always right given `eot_token_id`),
-    dtype/param_dtype (names like "bfloat16"), scan_layers, remat_policy. Other fields are ignored.
+    dtype/param_dtype/matmul_dtype (names like "bfloat16"; "" matmul_dtype = dtype), scan_layers,
+    remat_policy. Other fields are ignored.
     The keyword arguments (e.g. the tokenizer's `eot_pooling` and `context_length`) override the
     config.
     """
@@ -248,6 +256,8 @@ def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
     for name in ("dtype", "param_dtype"):
         if name in cfg and cfg[name] is not None:
             kwargs[name] = _as_dtype(cfg[name])
+    if "matmul_dtype" in cfg and cfg["matmul_dtype"]:
+        kwargs["matmul_dtype"] = _as_dtype(cfg["matmul_dtype"])
     if eot_pooling is None:
         eot_pooling = cfg["eot_pooling"] if "eot_pooling" in cfg and cfg["eot_pooling"] else "eot_id"
     kwargs["eot_pooling"] = eot_pooling
