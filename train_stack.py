@@ -52,8 +52,6 @@ def stage_config(stage: str, root: str, preset: str):
     """configs/shapes.py:<stage>[,fast|,tiny], reading the CLIP (and its cache) trained under `root`."""
     from configs import shapes
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     config = shapes.get_config(stage + ("" if preset == "full" else f",{preset}"))
     if "clip_workdir" in config:
         with config.unlocked():
@@ -97,6 +95,8 @@ def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
     from unclip_jax.tasks import embed
     from unclip_jax.train import loop
 
+    if preset not in PRESETS:  # Before claim_root records it in the root.
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     claim_root(root, preset)
     timings = {} if timings is None else timings
     results = {}
