@@ -100,3 +100,61 @@ def time_calls(fn, repeats: int) -> dict:
         times.append(time.perf_counter() - t0)
     return {"seconds_first_call_with_compile": round(first, 2),
             "seconds": round(statistics.median(times), 3)}
+
+
+def convolution_floor(init_fn, batch_size: int, repeats: int = 5) -> dict:
+    """The model's convolutions alone, each timed on its own: a lower bound for a step's time.
+
+    `init_fn()` initialises the model (traced with `jax.eval_shape`, never run); every
+    `flax.linen.Conv` it calls is recorded with its input shape, at batch `batch_size`. Each
+    distinct one is then compiled and timed in float32 forward, and forward plus both gradients
+    (input and kernel), on random data. Summed over the model's calls, these say how fast a step
+    could be if everything but the convolutions were free: the ceiling this backend's convolutions
+    set, against which the step's own time is read.
+    """
+    from flax import linen as nn
+    import numpy as np
+
+    calls = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            calls.append(((batch_size,) + tuple(args[0].shape[1:]), module.features,
+                          tuple(module.kernel_size)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(init_fn)
+
+    def median_seconds(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    timed = {}
+    forward = backward = flops = 0.0
+    for call in calls:
+        if call not in timed:
+            shape, features, kernel = call
+            keys = jax.random.split(jax.random.key(0), 3)
+            x = jax.random.normal(keys[0], shape)
+            w = jax.random.normal(keys[1], kernel + (shape[-1], features)) * 0.05
+            cot = jax.random.normal(keys[2], shape[:-1] + (features,))
+            grads = jax.jit(jax.grad(lambda x, w: (conv(x, w) * cot).sum(), argnums=(0, 1)))
+            timed[call] = (median_seconds(jax.jit(conv), x, w), median_seconds(grads, x, w),
+                           2.0 * np.prod(shape) * features * np.prod(kernel))
+        f, b, n = timed[call]
+        forward, backward, flops = forward + f, backward + b, flops + n
+    return {"convolutions": len(calls), "distinct": len(timed),
+            "forward_gflops_per_example": round(flops / batch_size / 1e9, 3),
+            "forward_seconds": round(forward, 3),
+            "forward_backward_seconds": round(backward, 3)}

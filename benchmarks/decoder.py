@@ -10,6 +10,11 @@ embedding and projected into 4 context tokens, no text pathway, learned variance
 loss, batch 8, AdamW: the real `DecoderTask` train step (EMA, clipping included).
 Sampling: 4 images, 50 DDIM steps, classifier-free guidance 3.0 (conditional and unconditional
 halves in one batch of 8). Data is random (throughput does not depend on it). Prints one JSON object.
+
+`convolution_floor` (on by default): the UNet's convolutions timed one by one in float32
+(`common.convolution_floor`) and summed: the training images/s and sampling seconds the model
+would reach if everything but its convolutions took no time. On a CPU it says how much of a step
+is convolution arithmetic at this backend's speed, and so how far any other change can go.
 """
 import json
 import os
@@ -34,6 +39,8 @@ flags.DEFINE_integer("sample_repeats", 2, "Timed sampling calls (after one compi
 flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
 flags.DEFINE_bool("remat", False, "Rematerialise every block in the backward pass.")
 flags.DEFINE_integer("batch_size", 8, "Training batch (the issue's fixed config: 8; larger to fill a GPU).")
+flags.DEFINE_bool("conv_floor", True, "Also time the UNet's convolutions one by one (float32): the "
+                  "step time and sampling time they alone would take, a bound for this backend.")
 flags.DEFINE_float("peak_tflops", 0.0, "The chip's peak TFLOP/s for the activation dtype, to report MFU "
                    "(e.g. 989 for an H100 SXM in bfloat16); 0 = no MFU.")
 FLAGS = flags.FLAGS
@@ -79,6 +86,19 @@ def main(_):
         sample = lambda seed: task.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
                                           jax.random.key(seed), guidance_scale=GUIDANCE)
         sampling = common.time_calls(sample, FLAGS.sample_repeats)
+        floor = {}
+        if FLAGS.conv_floor:
+            init = lambda: task.init_params(jax.random.key(0))  # noqa: E731
+            train = common.convolution_floor(init, FLAGS.batch_size)
+            # Guided sampling runs the UNet on the conditional and unconditional halves at once.
+            sample_floor = (train if FLAGS.batch_size == 2 * NUM_SAMPLES
+                            else common.convolution_floor(init, 2 * NUM_SAMPLES))
+            floor = {"convolution_floor": {
+                **train,
+                "train_images_per_sec_if_only_convolutions": round(
+                    FLAGS.batch_size / train["forward_backward_seconds"], 2),
+                "sampling_seconds_if_only_convolutions": round(
+                    STEPS * sample_floor["forward_seconds"], 2)}}
     print(json.dumps({
         "benchmark": "decoder", "image_size": SIDE, "base_channels": 64, "channel_mult": [1, 2, 4],
         "num_res_blocks": 2, "attention_resolutions": [16], "clip_dim": D, "text_pathway": False,
@@ -89,7 +109,7 @@ def main(_):
         "sampling": {"images": NUM_SAMPLES, "sampler": "ddim", "steps": STEPS,
                      "guidance_scale": GUIDANCE,
                      **sampling},
-        **common.machine_info()}, indent=2))
+        **floor, **common.machine_info()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from unclip_jax import parallel
-from unclip_jax.models.unet import (UNet, coordinate_channels, count_params, norm_groups,
-                                   unet_from_config)
+from unclip_jax.models.unet import (GroupNorm, UNet, coordinate_channels, count_params,
+                                   downsample_avg, norm_groups, unet_from_config, upsample_nearest)
 
 B, D, VOCAB, L = 4, 8, 50, 6
 DECODER = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
@@ -332,6 +332,41 @@ def test_text_spatial_map_conditions_through_the_bottleneck():
 
 def test_norm_groups():
     assert [norm_groups(c) for c in (512, 64, 16, 48, 40, 3)] == [32, 32, 16, 24, 20, 3]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 64), (2, 5, 48), (3, 4, 6, 20)])
+def test_group_norm_matches_the_textbook_formula(shape):
+    # The layer reduces per channel first, then per group (faster on XLA:CPU); the numbers must be
+    # those of one reduction over each group's (spatial, channels) block, in value and gradient.
+    x = jax.random.normal(jax.random.key(0), shape) * 3 + 1.5
+    cot = jax.random.normal(jax.random.key(1), shape)
+    layer = GroupNorm(num_groups=32)
+    params = layer.init(jax.random.key(2), x)
+    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(3), a.shape) * 0.1, params)
+    groups = norm_groups(shape[-1], 32)
+
+    def reference(params, x):
+        xg = x.reshape(x.shape[:-1] + (groups, -1))
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = xg.mean(axis=axes, keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
+        y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
+        p = nn.unbox(params)["params"]
+        return y * p["scale"] + p["bias"]
+
+    np.testing.assert_allclose(layer.apply(params, x), reference(params, x), atol=2e-5)
+    grads = [jax.grad(lambda p, x: jnp.sum(f(p, x) * cot), argnums=(0, 1))(params, x)
+             for f in (layer.apply, reference)]
+    for a, b in zip(*(jax.tree.leaves(g) for g in grads)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_resampling_matches_repeat_and_mean():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3))
+    np.testing.assert_array_equal(upsample_nearest(x),
+                                  jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    np.testing.assert_allclose(downsample_avg(x), x.reshape(2, 3, 2, 2, 2, 3).mean(axis=(2, 4)),
+                               atol=1e-6)
 
 
 def test_bad_inputs_fail_clearly(decoder):

@@ -113,14 +113,21 @@ def coordinate_channels(batch: int, height: int, width: int) -> Array:
 
 
 def upsample_nearest(x: Array) -> Array:
-    """Nearest-neighbour 2x upsampling: [B, H, W, C] -> [B, 2H, 2W, C]."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    """Nearest-neighbour 2x upsampling: [B, H, W, C] -> [B, 2H, 2W, C].
+
+    A broadcast and a reshape rather than two `jnp.repeat`s: the same values, and a gradient (the
+    sum over each 2x2 block) that XLA:CPU runs ~3x faster.
+    """
+    b, h, w, c = x.shape
+    return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
 
 
 def downsample_avg(x: Array) -> Array:
-    """2x2 average pooling: [B, H, W, C] -> [B, H/2, W/2, C] (H, W even)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    """2x2 average pooling: [B, H, W, C] -> [B, H/2, W/2, C] (H, W even).
+
+    The four strided slices summed (one elementwise fusion) rather than a mean over a reshape.
+    """
+    return (x[:, 0::2, 0::2] + x[:, 0::2, 1::2] + x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) * 0.25
 
 
 class GroupNorm(nn.Module):
@@ -142,11 +149,20 @@ class GroupNorm(nn.Module):
                            self.param_dtype)
         bias = self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), (c,),
                           self.param_dtype)
-        xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, c // groups))
-        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
-        mean = jnp.mean(xg, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        xf = x.astype(jnp.float32)
+        spatial = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * (c // groups)
+
+        def group_mean(v):
+            # Per-channel sums over the spatial axes first, then over each group's channels,
+            # broadcast back to [B, 1.., C]. One reduction over [B, H, W, G, C/G]'s axes (1, 2, 4)
+            # is the same number, but XLA:CPU runs it (and its gradient) ~5x slower.
+            sums = jnp.sum(v, axis=spatial).reshape(x.shape[0], groups, c // groups).sum(-1)
+            per_channel = jnp.repeat(sums / count, c // groups, axis=-1)
+            return per_channel.reshape((x.shape[0],) + (1,) * len(spatial) + (c,))
+
+        centred = xf - group_mean(xf)
+        y = centred * jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
         y = y * jnp.asarray(scale, jnp.float32) + jnp.asarray(bias, jnp.float32)
         if scale_shift is not None:
             expand = (slice(None),) + (None,) * (x.ndim - 2)
