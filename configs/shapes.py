@@ -236,7 +236,7 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.shuffle_seed = 0  # Seed of the (per-epoch) shuffle of the training stream.
     c.data.num_threads = 4  # Grain threads decoding images.
-    # Sized to train at ~45 images/s on the 2-core CPU. 8,000 steps (README): single-object exact 0.91
+    # Sized to train at ~53 images/s on the 2-core CPU. 8,000 steps (README): single-object exact 0.91
     # after 4,000, 0.985 after 8,000, two-object 0.21 -> 0.66 (a straight run of these defaults).
     c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 2),
                           res_blocks=1, attention=(8,), image_size=16 if tiny else 32, tiny=tiny)
