@@ -3,7 +3,7 @@
 Usage: `python train.py --config configs/shapes.py:clip --workdir runs/shapes_clip`
 Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`.
 Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs;
-`clip,fast` is the short stack that `train_stack.py` trains by default (~29 minutes on a 2-core CPU:
+`clip,fast` is the short stack that `train_stack.py` trains by default (~25 minutes on a 2-core CPU:
 fewer steps, a smaller upsampler, shapes rendered on the fly; see
 `fast_config`).
 Any field can be overridden on the command line: `--config.train.num_steps=100`.
@@ -313,7 +313,7 @@ def upsampler_config(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
-    """The `fast` option: the whole stack (train_stack.py's default) in ~29 minutes on 2 CPU cores.
+    """The `fast` option: the whole stack (train_stack.py's default) in ~25 minutes on 2 CPU cores.
 
     Same models except a smaller upsampler; fewer steps; every stage's own evaluation smaller (the
     stack is judged end to end afterwards); shapes rendered on the fly (no TFDS build). What this
