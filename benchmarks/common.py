@@ -120,6 +120,10 @@ def convolution_floor(init_fn, batch_size: int, repeats: int = 5) -> dict:
     def record(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            if (module.padding != "SAME" or module.strides not in (None, 1, (1, 1))
+                    or module.feature_group_count != 1):
+                raise ValueError(f"convolution_floor times stride-1 'SAME' convolutions only; "
+                                 f"{module.name} is not one")
             calls.append(((batch_size,) + tuple(args[0].shape[1:]), module.features,
                           tuple(module.kernel_size)))
         return next_fun(*args, **kwargs)
@@ -155,6 +159,6 @@ def convolution_floor(init_fn, batch_size: int, repeats: int = 5) -> dict:
         f, b, n = timed[call]
         forward, backward, flops = forward + f, backward + b, flops + n
     return {"convolutions": len(calls), "distinct": len(timed),
-            "forward_gflops_per_example": round(flops / batch_size / 1e9, 3),
+            "forward_gflops_per_example": round(float(flops) / batch_size / 1e9, 3),
             "forward_seconds": round(forward, 3),
             "forward_backward_seconds": round(backward, 3)}
