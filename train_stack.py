@@ -6,7 +6,7 @@ Stages, each an ordinary `train.py` workdir under `--root` (configs/shapes.py va
 
   shapes_clip -> shapes_clip/cache (embed.py) -> shapes_prior -> shapes_decoder -> shapes_upsampler
 
-Presets: `fast` (the default; the `,fast` configs: ~25 minutes on a 2-core CPU), `full` (the
+Presets: `fast` (the default; the `,fast` configs: ~28 minutes on a 2-core CPU), `full` (the
 configs' defaults, the README's quality runs: hours on a CPU, minutes on a GPU), `tiny` (the
 `,tiny` configs: a smoke test in a few minutes whose scores mean nothing). A root belongs to one
 preset (`<root>/stack.json` says which).
@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():  # Only when run as a script: tests import this module beside sample.py.
-    flags.DEFINE_enum("preset", "fast", PRESETS, "fast: ~25 min on a 2-core CPU; full: the "
+    flags.DEFINE_enum("preset", "fast", PRESETS, "fast: ~28 min on a 2-core CPU; full: the "
                       "configs' defaults (the README's quality runs); tiny: smoke test.")
     flags.DEFINE_string("root", None, "Directory holding one workdir per stage (default: "
                         "runs/stack_<preset>).")

@@ -3,7 +3,7 @@
 Usage: `python train.py --config configs/shapes.py:clip --workdir runs/shapes_clip`
 Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`.
 Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs;
-`clip,fast` is the short stack that `train_stack.py` trains by default (~25 minutes on a 2-core CPU:
+`clip,fast` is the short stack that `train_stack.py` trains by default (~28 minutes on a 2-core CPU:
 fewer steps, a smaller upsampler, shapes rendered on the fly; see
 `fast_config`).
 Any field can be overridden on the command line: `--config.train.num_steps=100`.
@@ -313,12 +313,12 @@ def upsampler_config(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
-    """The `fast` option: the whole stack (train_stack.py's default) in ~25 minutes on 2 CPU cores.
+    """The `fast` option: the whole stack (train_stack.py's default) in ~28 minutes on 2 CPU cores.
 
     Same models except a smaller upsampler; fewer steps; every stage's own evaluation smaller (the
     stack is judged end to end afterwards); shapes rendered on the fly (no TFDS build). What this
     costs in quality is measured in the README (the defaults are the quality runs): the decoder is
-    the bottleneck, ~0.75 s per step here, and 1,200 steps draw colours in place and half the shapes.
+    the bottleneck, ~0.6 s per step here, and 1,400 steps draw colours in place and half the shapes.
     """
     if variant == "clip":
         c.data.source = "procedural"
@@ -328,7 +328,7 @@ def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
         c.train.num_steps, c.train.warmup_steps = 600, 100
         c.eval.num_examples, c.eval.num_train_neighbours = 500, 20_000
     elif variant == "decoder":
-        c.train.num_steps, c.train.warmup_steps = 1_200, 50
+        c.train.num_steps, c.train.warmup_steps = 1_400, 50
         c.diffusion.sample_steps = 25
         c.eval.num_examples = 100
     elif variant == "upsampler":
