@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from tests import numerics
 from unclip_jax import parallel
 from unclip_jax.models import layers
 from unclip_jax.models.clip import CLIP, clip_model_from_config
@@ -198,8 +199,9 @@ def test_bfloat16_matmul_operands_stay_close_to_float32(fp32_model_and_vars):
     z_i, z_t, _ = model.apply(variables, images, tokens)
     z_i16, z_t16, _ = mixed.apply(variables, images, tokens)  # same params: only the products change
     assert z_i16.dtype == z_t16.dtype == jnp.float32
-    np.testing.assert_allclose(z_i16, z_i, atol=3e-2)
-    np.testing.assert_allclose(z_t16, z_t, atol=3e-2)
+    # bfloat16 operands (8-bit mantissa) in every product, through 2 blocks per tower.
+    numerics.assert_close(z_i16, z_i, ulps=8, dtype=jnp.bfloat16)
+    numerics.assert_close(z_t16, z_t, ulps=8, dtype=jnp.bfloat16)
     assert not np.allclose(z_i16, z_i, atol=1e-6)  # the bfloat16 products did run
 
     def loss(params, m):
@@ -208,8 +210,7 @@ def test_bfloat16_matmul_operands_stay_close_to_float32(fp32_model_and_vars):
 
     g32 = jax.grad(loss)(variables["params"], model)
     g16 = jax.grad(loss)(variables["params"], mixed)
-    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
-        assert np.all(np.isfinite(b))
-        np.testing.assert_allclose(b, a, atol=5e-2 * (np.abs(a).max() + 1e-3))
+    assert all(np.all(np.isfinite(b)) for b in jax.tree.leaves(g16))
+    numerics.assert_trees_close(g16, g32, ulps=8, dtype=jnp.bfloat16)
     cfg = ml_collections.ConfigDict(dict(TINY, matmul_dtype="bfloat16"))
     assert clip_model_from_config(cfg, vocab_size=VOCAB, eot_token_id=VOCAB - 1).matmul_dtype == jnp.bfloat16

@@ -7,6 +7,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from tests import numerics
 from unclip_jax import parallel
 from unclip_jax.models import layers
 from unclip_jax.models.prior import DiffusionPrior, prior_from_config, timestep_embedding
@@ -58,7 +59,8 @@ def test_bf16_activations_with_fp32_params(model_and_vars, apply_fn):
     out = jax.jit(model.apply)(fp32_vars, *inputs)
     assert out.shape == (BATCH, D) and out.dtype == jnp.float32
     reference = apply_fn(fp32_vars, *inputs)
-    np.testing.assert_allclose(out, reference, atol=0.1 * float(jnp.abs(reference).max()))
+    # bfloat16 activations (8-bit mantissa) through 2 blocks, round-off compounding per block.
+    numerics.assert_close(out, reference, ulps=8, dtype=jnp.bfloat16)
 
 
 def test_causal_mask_earlier_positions_ignore_the_noised_z_i(model_and_vars, apply_fn):
@@ -132,9 +134,8 @@ def test_timestep_embedding_scale_follows_num_timesteps(model_and_vars, apply_fn
     _, variables = model_and_vars
     z_i_t, t, z_t, text, mask = _inputs()
     coarse = DiffusionPrior(**TINY, num_timesteps=100)
-    np.testing.assert_allclose(jax.jit(coarse.apply)(variables, z_i_t, t // 10, z_t, text, mask),
-                               apply_fn(variables, z_i_t, (t // 10) * 10, z_t, text, mask),
-                               atol=1e-5)
+    numerics.assert_close(jax.jit(coarse.apply)(variables, z_i_t, t // 10, z_t, text, mask),
+                          apply_fn(variables, z_i_t, (t // 10) * 10, z_t, text, mask))
     emb = timestep_embedding(jnp.array([0, 7]), 9)
     assert emb.shape == (2, 9) and emb.dtype == jnp.float32
     np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0, 0])
@@ -147,8 +148,8 @@ def test_scan_and_unrolled_agree_after_restack(model_and_vars):
     v_unrolled = jax.jit(unrolled.init)(jax.random.key(1), *inputs)
     restacked = layers.stack_layer_params(nn.meta.unbox(v_unrolled))
     assert jax.tree.map(jnp.shape, restacked) == jax.tree.map(jnp.shape, variables)
-    np.testing.assert_allclose(jax.jit(model.apply)(restacked, *inputs),
-                               jax.jit(unrolled.apply)(v_unrolled, *inputs), atol=1e-5, rtol=1e-5)
+    numerics.assert_close(jax.jit(model.apply)(restacked, *inputs),
+                          jax.jit(unrolled.apply)(v_unrolled, *inputs))
 
 
 def test_remat_gives_the_same_gradients(model_and_vars):
@@ -162,8 +163,8 @@ def test_remat_gives_the_same_gradients(model_and_vars):
         loss = lambda v: jnp.sum(jnp.square(model.apply(v, *inputs, drop) - inputs[0]))
         return jax.jit(jax.grad(loss))(variables)
 
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                 grads("nothing_saveable"), grads("none"))
+    # Same math, different fusion: round-off at the scale of each leaf's largest gradient (~300).
+    numerics.assert_trees_close(grads("nothing_saveable"), grads("none"))
 
 
 def test_every_param_has_logical_names():
@@ -204,8 +205,7 @@ def test_sharded_init_and_forward_match_unsharded(model_and_vars):
     unboxed = nn.meta.unbox(variables)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  unboxed, reference_vars)  # same init as unsharded
-    np.testing.assert_allclose(out, model.apply(reference_vars, *inputs, drop), atol=1e-5,
-                               rtol=1e-5)
+    numerics.assert_close(out, model.apply(reference_vars, *inputs, drop))
 
 
 def test_prior_from_config():
@@ -262,5 +262,4 @@ def test_cached_prefix_sampling_path_equals_the_full_forward(scan_layers):
     full = model.apply(params, z_i, t, z_t, hidden, mask, drop)
     prefix = model.apply(params, z_t, hidden, mask, drop, method=model.encode_prefix)
     assert prefix["kv"][0].shape == (2, b, 8, 4, 8)  # [depth, B, L + 1, heads, head_dim]
-    np.testing.assert_allclose(model.apply(params, prefix, z_i, t, method=model.denoise), full,
-                               rtol=1e-6, atol=1e-6)
+    numerics.assert_close(model.apply(params, prefix, z_i, t, method=model.denoise), full)

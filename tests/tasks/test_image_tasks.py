@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import helpers
+from tests import helpers, numerics
 from tests.train import tiny_clip
 from unclip_jax import parallel
 from unclip_jax.tasks import decoder as decoder_task
@@ -57,7 +57,7 @@ def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tm
     drop = jnp.concatenate([jnp.zeros((4,), bool), jnp.ones((4,), bool)])
     doubled = task.model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                                **task._conditioning(two, drop, drop))
-    np.testing.assert_allclose(doubled[:4], conditional, rtol=1e-4, atol=1e-5)
+    numerics.assert_close(doubled[:4], conditional)
     assert not np.allclose(doubled[4:], conditional, atol=1e-3)  # The unconditional half differs.
 
 
@@ -74,9 +74,8 @@ def test_decoder_guidance_drops_what_the_config_says(clip_with_cache, tmp_path, 
     uncond = task.model.apply({"params": params}, x, t,
                               **task._conditioning(batch, yes, yes if drops == "all" else no))
     guided = task.guided_model_fn(params, batch["z_i"], batch["tokens"], 3.0)(x, t)
-    np.testing.assert_allclose(guided[..., :3], uncond[..., :3] + 3.0 * (cond[..., :3] - uncond[..., :3]),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(guided[..., 3:], cond[..., 3:], rtol=1e-4, atol=1e-5)
+    numerics.assert_close(guided[..., :3], uncond[..., :3] + 3.0 * (cond[..., :3] - uncond[..., :3]))
+    numerics.assert_close(guided[..., 3:], cond[..., 3:])
     with config.unlocked():
         config.diffusion.guidance_drops = "caption"
     with pytest.raises(ValueError, match="guidance_drops='caption'"):
