@@ -7,6 +7,7 @@ import time
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
 from unclip_jax.train import loop, state as state_lib
 
@@ -71,6 +72,14 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
            "examples_per_sec_step_only": round(steps * batch_size / elapsed, 1),
            # XLA's FLOP count of the step over its measured time (what MFU divides by the peak).
            "train_tflops_per_sec": round(flops * steps / elapsed / 1e12, 4)}
+    # The analytic model FLOPs (what the training loop logs as perf/tflops_per_device and perf/mfu).
+    devices = mesh.devices.size
+    per_example = flops_lib.train_flops_per_example(task, max(batch_size // devices, 1))
+    out["model_gflops_per_example"] = round(per_example / 1e9, 3)
+    out["model_tflops_per_device"] = round(per_example * steps * batch_size / elapsed / devices / 1e12, 4)
+    peak = flops_lib.peak_tflops(mesh.devices.flat[0])
+    if peak:
+        out["model_mfu"] = round(out["model_tflops_per_device"] / peak, 4)
     if next_batch is not None:
         t0 = time.perf_counter()
         for _ in range(steps):

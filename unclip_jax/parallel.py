@@ -17,6 +17,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -69,9 +70,17 @@ def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | 
     shape = mesh_shape(spec, len(devices))
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    # An explicit device subset (tests comparing 1 device with 8).
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    # An explicit device list: a subset (tests comparing 1 device with 8), or a TPU topology
+    # description compiled from a CPU host. TPUs get a layout that follows the physical torus.
+    grid = np.asarray(devices).reshape(shape)
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass  # No torus-aware layout for this shape: the plain order.
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def mesh_from_config(mesh_config) -> Mesh:
@@ -103,10 +112,75 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def unbox(tree: Any) -> Any:
+    """Strips logical-axis boxes without the sharding constraint (usable outside jit too)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                        is_leaf=is_box)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
-    """Maps a tree of (possibly `nn.Partitioned`-boxed) abstract values to `NamedSharding`s."""
+    """Maps a tree of (possibly `nn.Partitioned`-boxed) abstract values to `NamedSharding`s.
+
+    The rules say which mesh axes a logical dimension goes on; where a dimension's size is not
+    divisible by those axes (a 3-channel output convolution on `fsdp`=8, 320 channels on 128
+    chips), `fit_spec` moves them to another dimension that they divide, or replicates. Every such
+    change is logged once per distinct shape.
+    """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    values = unbox(abstract_tree)
+    refitted: dict[tuple, tuple] = {}
+
+    def fit(sharding, value):
+        if not isinstance(sharding, NamedSharding) or not hasattr(value, "shape"):
+            return sharding
+        spec = fit_spec(tuple(sharding.spec), tuple(value.shape), dict(mesh.shape))
+        if spec != tuple(sharding.spec):
+            refitted[(tuple(value.shape), tuple(sharding.spec))] = spec
+            return NamedSharding(mesh, P(*spec))
+        return sharding
+
+    out = jax.tree.map(fit, shardings, values, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (shape, before), after in sorted(refitted.items(), key=str):
+        logging.info("sharding: %s of shape %s does not divide; using %s", P(*before), shape, P(*after))
+    return out
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh_shape: dict[str, int]) -> tuple:
+    """`spec` with every mesh axis that does not divide its dimension moved or dropped.
+
+    An axis that does not divide its dimension's size (after the axes before it on that dimension)
+    goes to the largest dimension it divides (unsharded ones first), as big_vision's fsdp strategy
+    shards the largest divisible dimension; with none, the tensor is replicated along it.
+    """
+    spec = list(spec) + [None] * (len(shape) - len(spec))
+    kept: list[list[str]] = [[] for _ in shape]
+    left = list(shape)  # Each dimension's size per shard so far.
+    dropped: list[str] = []
+    for dim, entry in enumerate(spec):
+        for axis in _axes(entry):
+            n = mesh_shape.get(axis, 1)
+            if left[dim] % n == 0:
+                kept[dim].append(axis)
+                left[dim] //= n
+            else:
+                dropped.append(axis)
+    for axis in dropped:
+        n = mesh_shape.get(axis, 1)
+        fits = [d for d in range(len(shape)) if left[d] % n == 0 and left[d] >= n]
+        if fits:  # Prefer an unsharded dimension, then the largest per-shard size.
+            dim = max(fits, key=lambda d: (not kept[d], left[d]))
+            kept[dim].append(axis)
+            left[dim] //= n
+    out = [None if not axes else axes[0] if len(axes) == 1 else tuple(axes) for axes in kept]
+    return tuple(out)
 
 
 def global_batch_from_local(local: Any, mesh: Mesh) -> Any:

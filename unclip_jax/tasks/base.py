@@ -37,6 +37,12 @@ class Task(abc.ABC):
                        process_count: int) -> pipeline_lib.Pipeline:
         """This process's stream of training batches (numpy dicts), with get_state/set_state."""
 
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a training batch of `batch_size` rows (what `train_pipeline` yields):
+        the train step compiles ahead of time against these, with no data behind them."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its batches "
+                                  "(batch_spec), so it cannot be compiled ahead of time")
+
     def evaluate(self, params: Any, mesh: Mesh) -> dict[str, float]:
         """Evaluation metrics for `params` (the EMA params unless the config says otherwise)."""
         return {}

@@ -96,12 +96,29 @@ class ClipTask(Task):
         super().__init__(config, workdir)
         self.tokenizer = prepare_tokenizer(config, workdir)
         # An imported CLIP's config names its checkpoint's pooling; ours follows the tokenizer.
-        eot_pooling = config.model.get("eot_pooling") or self.tokenizer.eot_pooling
+        self._build(vocab_size=self.tokenizer.vocab_size, eot_token_id=self.tokenizer.eot_token_id,
+                    context_length=self.tokenizer.context_length,
+                    eot_pooling=config.model.get("eot_pooling") or self.tokenizer.eot_pooling)
+
+    @classmethod
+    def from_dims(cls, config: ml_collections.ConfigDict, workdir: str, *, vocab_size: int,
+                  eot_token_id: int, context_length: int) -> "ClipTask":
+        """A task with given tokenizer sizes and no tokenizer behind it (compile-only; cannot train)."""
+        task = cls.__new__(cls)
+        Task.__init__(task, config, workdir)
+        task.tokenizer = None
+        task._build(vocab_size=vocab_size, eot_token_id=eot_token_id, context_length=context_length,
+                    eot_pooling=config.model.get("eot_pooling") or "eot_id")
+        return task
+
+    def _build(self, *, vocab_size: int, eot_token_id: int, context_length: int, eot_pooling: str):
+        config = self.config
+        self.context_length = int(context_length)
         # The embedding table is padded to a multiple of 128 rows so that it shards over any
         # tensor-parallel size (ids past the tokenizer's vocabulary are never looked up).
         self.model = clip_lib.clip_model_from_config(
-            config.model, vocab_size=-(-self.tokenizer.vocab_size // 128) * 128, eot_token_id=self.tokenizer.eot_token_id,
-            eot_pooling=eot_pooling, context_length=self.tokenizer.context_length)
+            config.model, vocab_size=-(-vocab_size // 128) * 128, eot_token_id=eot_token_id,
+            eot_pooling=eot_pooling, context_length=self.context_length)
         self.side = int(config.model.image_size)
         # Imported CLIPs carry their own preprocessing (resize, crop, mean/std); ours resizes the
         # shorter side to `side` and uses OpenAI's constants.
@@ -117,7 +134,7 @@ class ClipTask(Task):
     # ------------------------------------------------------------------ model and loss
     def init_params(self, rng):
         images = jnp.zeros((1, self.side, self.side, 3), jnp.float32)
-        tokens = jnp.zeros((1, self.tokenizer.context_length), jnp.int32)
+        tokens = jnp.zeros((1, self.context_length), jnp.int32)
         return self.model.init(rng, images, tokens)["params"]
 
     def loss_fn(self, params, batch, rng, step):
@@ -143,6 +160,11 @@ class ClipTask(Task):
     def preprocessed_source(self, source) -> PreprocessedSource:
         """`source` with examples already `decode`d (for readers that only resize to `side`)."""
         return PreprocessedSource(source, self.decode)
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        b, s = int(batch_size), self.side
+        return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+                "tokens": jax.ShapeDtypeStruct((b, self.context_length), jnp.int32)}
 
     def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         image, caption = self.decode(example)

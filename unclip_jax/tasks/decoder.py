@@ -117,6 +117,12 @@ class DecoderTask(Task):
         return diff_lib.diffusion_loss(diff, self.schedule, out, x0, x_t, t, noise)
 
     # ------------------------------------------------------------------ data
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        b, s = int(batch_size), self.side
+        return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+                "z_i": jax.ShapeDtypeStruct((b, self.clip_dim), jnp.float32),
+                "tokens": jax.ShapeDtypeStruct((b, self.text_length), jnp.int32)}
+
     def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {k: example[k] for k in ("image", "z_i", "tokens")}
 

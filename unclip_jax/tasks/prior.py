@@ -104,6 +104,14 @@ class PriorTask(Task):
         return loss, {"cosine_to_target": cos.mean()}
 
     # ------------------------------------------------------------------ data
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        b, d, length = int(batch_size), self.embed_dim, self.text_length
+        return {"z_i": jax.ShapeDtypeStruct((b, d), jnp.float32),
+                "z_t": jax.ShapeDtypeStruct((b, d), jnp.float32),
+                # The cache stores the text hidden states in float16 (half the disk and host memory).
+                "text_hidden": jax.ShapeDtypeStruct((b, length, self.text_width), jnp.float16),
+                "tokens": jax.ShapeDtypeStruct((b, length), jnp.int32)}
+
     def map_record(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {k: np.asarray(record[k]) for k in CACHE_FIELDS}
 

@@ -77,6 +77,11 @@ class UpsamplerTask(Task):
         return diff_lib.diffusion_loss(self.config.diffusion, self.schedule, out, x0, x_t, t, noise)
 
     # ------------------------------------------------------------------ data
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        b, c, low = int(batch_size), self.crop, self.crop // self.scale
+        return {"high": jax.ShapeDtypeStruct((b, c, c, 3), jnp.uint8),
+                "low": jax.ShapeDtypeStruct((b, low, low, 3), jnp.uint8)}
+
     def map_example(self, position: int, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """A random crop and its corrupted low-res version, random per stream position (resumable)."""
         image, _ = pipeline_lib.decode_example(example, self.side)

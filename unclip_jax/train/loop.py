@@ -23,6 +23,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
@@ -127,10 +128,7 @@ def init_state(task: Task, tx, rng: jax.Array, mesh, rules):
     return init(rng), abstract
 
 
-def unbox(tree):
-    """Strips logical-axis boxes without the sharding constraint (usable outside jit too)."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+unbox = parallel.unbox
 
 
 def state_shardings(abstract_state):
@@ -252,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
                          config.train.init_from, ", ".join(new) or "none")
         num_params = count_params(abstract_state.params)
         logging.info("%s: %s parameters on mesh %s", config.stage, f"{num_params:,}", dict(mesh.shape))
+        perf = _Throughput.for_task(task, global_batch // dp // accum, mesh)
 
         # ------------------------------------------------------------------ compile
         shardings = state_shardings(abstract_state)
@@ -285,10 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
             now = time.perf_counter()
             scalars = {f"train/{k}": float(v.mean()) for k, v in values.items()}
             scalars["train/examples_per_sec"] = (step - step_log) * global_batch / max(now - t_log, 1e-9)
+            scalars.update(perf.metrics(scalars["train/examples_per_sec"]))
             t_log, step_log = now, step
             writer.write_scalars(step, scalars)
-            pbar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                             ex_s=f"{scalars['train/examples_per_sec']:.0f}")
+            postfix = dict(loss=f"{scalars['train/loss']:.4f}", ex_s=f"{scalars['train/examples_per_sec']:.0f}")
+            if "perf/mfu" in scalars:
+                postfix["mfu"] = f"{scalars['perf/mfu']:.1%}"
+            pbar.set_postfix(**postfix)
             result.update(scalars)
 
         def run_eval(step):
@@ -348,6 +350,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
         metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"))
     writer.close()
     return result
+
+
+@dataclasses.dataclass
+class _Throughput:
+    """Model FLOP/s per device and MFU from examples/s (`unclip_jax.flops`' analytic count)."""
+
+    flops_per_example: float | None
+    num_devices: int
+    peak_tflops: float | None
+
+    @classmethod
+    def for_task(cls, task: Task, per_device_batch: int, mesh) -> "_Throughput":
+        devices = mesh.devices.size
+        try:
+            per_example = flops_lib.train_flops_per_example(task, max(int(per_device_batch), 1))
+        except NotImplementedError:  # A task that does not describe its batches: no FLOP count.
+            per_example = None
+        return cls(per_example, devices, flops_lib.peak_tflops(mesh.devices.flat[0]))
+
+    def metrics(self, examples_per_sec: float) -> dict[str, float]:
+        if self.flops_per_example is None:
+            return {}
+        tflops = self.flops_per_example * examples_per_sec / self.num_devices / 1e12
+        out = {"perf/tflops_per_device": tflops}
+        if self.peak_tflops:
+            out["perf/mfu"] = tflops / self.peak_tflops
+        return out
 
 
 @dataclasses.dataclass
