@@ -26,15 +26,8 @@ CLIP_WORKDIR = "runs/clip_vit_l14"
 
 
 def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
-    parts = [p.strip() for p in (arg or "clip").split(",") if p.strip()]
-    variant, options = (parts[0] if parts else "clip"), set(parts[1:])
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/clip_vit_l14.py: unknown variant {variant!r}; expected one of: "
-                         f"{', '.join(VARIANTS)}")
-    unknown = options - {"tiny"}
-    if unknown:
-        raise ValueError(f"configs/clip_vit_l14.py: unknown option(s) {sorted(unknown)}; expected: tiny")
-    return variant, options
+    return shapes.parse_variant(arg, where="configs/clip_vit_l14.py", variants=VARIANTS,
+                                options=("tiny",), exclusive=(), default="clip")
 
 
 def data_config() -> ml_collections.ConfigDict:

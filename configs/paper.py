@@ -37,17 +37,8 @@ CLIP_WORKDIR = "runs/paper_clip"
 
 
 def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
-    parts = [p.strip() for p in (arg or "decoder").split(",") if p.strip()]
-    variant, options = (parts[0] if parts else "decoder"), set(parts[1:])
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/paper.py: unknown variant {variant!r}; expected one of: {', '.join(VARIANTS)}")
-    unknown = options - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"configs/paper.py: unknown option(s) {sorted(unknown)}; expected any of: "
-                         f"{', '.join(OPTIONS)}")
-    if len(options & set(TOPOLOGIES)) > 1:
-        raise ValueError(f"configs/paper.py: options {sorted(options & set(TOPOLOGIES))} exclude each other")
-    return variant, options
+    return shapes.parse_variant(arg, where="configs/paper.py", variants=VARIANTS, options=OPTIONS,
+                                exclusive=TOPOLOGIES, default="decoder")
 
 
 def clip_sizes(tiny: bool) -> ml_collections.ConfigDict:

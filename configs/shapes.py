@@ -19,18 +19,26 @@ VARIANTS = ("clip", "prior", "decoder", "upsampler")
 OPTIONS = ("tiny", "fast")
 
 
-def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
-    parts = [p.strip() for p in (arg or "clip").split(",") if p.strip()]
-    variant, options = (parts[0] if parts else "clip"), set(parts[1:])
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected one of: {', '.join(VARIANTS)}")
-    unknown = options - set(OPTIONS)
+def parse_variant(arg: str | None, *, where: str, variants, options, exclusive,
+                  default: str) -> tuple[str, set[str]]:
+    """`"variant,opt1,opt2"` -> (variant, {options}), with one clear error for an unknown variant or
+    option, or for two options of `exclusive` together."""
+    parts = [p.strip() for p in (arg or default).split(",") if p.strip()]
+    variant, chosen = (parts[0] if parts else default), set(parts[1:])
+    if variant not in variants:
+        raise ValueError(f"{where}: unknown variant {variant!r}; expected one of: {', '.join(variants)}")
+    unknown = chosen - set(options)
     if unknown:
-        raise ValueError(f"configs/shapes.py: unknown option(s) {sorted(unknown)}; expected one of: "
-                         f"{', '.join(OPTIONS)}")
-    if len(options) > 1:
-        raise ValueError(f"configs/shapes.py: options {sorted(options)} exclude each other; pick one")
-    return variant, options
+        raise ValueError(f"{where}: unknown option(s) {sorted(unknown)}; expected any of: "
+                         f"{', '.join(options)}")
+    if len(chosen & set(exclusive)) > 1:
+        raise ValueError(f"{where}: options {sorted(chosen & set(exclusive))} exclude each other; pick one")
+    return variant, chosen
+
+
+def _parse_arg(arg: str | None) -> tuple[str, set[str]]:
+    return parse_variant(arg, where="configs/shapes.py", variants=VARIANTS, options=OPTIONS,
+                         exclusive=OPTIONS, default="clip")
 
 
 def data_config(side: int) -> ml_collections.ConfigDict:
