@@ -5,7 +5,6 @@ import statistics
 import time
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
@@ -47,11 +46,7 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
     rules = parallel.rules_from_config(config.mesh.rules)
     tx = state_lib.make_optimizer(config.train)
     state, abstract = loop.init_state(task, tx, jax.random.key(0), mesh, rules)
-    shardings = loop.state_shardings(abstract)
-    replicated = NamedSharding(mesh, P())
-    step_fn = jax.jit(loop.make_train_step(task, tx, config),
-                      in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=(0,))
+    step_fn = loop.jit_train_step(task, tx, config, abstract, mesh)
     rng = jax.random.key(1)
     t0 = time.perf_counter()
     lowered = step_fn.lower(abstract, batch, rng)

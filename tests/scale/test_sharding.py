@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import linen as nn
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from configs import paper
 from unclip_jax import parallel
@@ -96,14 +96,10 @@ def test_tiny_stage_state_shardings_on_8_devices(variant, mesh_shape):
 @pytest.mark.parametrize("variant", STAGES)
 def test_tiny_stage_initialises_and_steps_on_fsdp_and_tensor(variant):
     config, task, mesh, rules, tx = _setup(variant, (1, 4, 2))
-    replicated = NamedSharding(mesh, P())
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, abstract = loop.init_state(task, tx, jax.random.key(0), mesh, rules)
         _check_state(state, mesh)
-        shardings = loop.state_shardings(abstract)
-        step = jax.jit(loop.make_train_step(task, tx, config),
-                       in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+        step = loop.jit_train_step(task, tx, config, abstract, mesh)
         batch = parallel.global_batch_from_local(_batch(task, int(config.train.batch_size)), mesh)
         state, metrics = step(state, batch, jax.random.key(1))
     assert np.isfinite(float(metrics["loss"]))

@@ -113,15 +113,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
     key = jax.random.key(0)  # Made on this host, outside the (maybe remote) mesh.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_state = loop.abstract_train_state(task, tx, key, mesh, rules)
-        shardings = loop.state_shardings(abstract_state)
         batch_sharding = parallel.batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
                  for k, v in task.batch_spec(global_batch).items()}
-        replicated = NamedSharding(mesh, P())
-        rng = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated)
-        step_fn = jax.jit(loop.make_train_step(task, tx, config),
-                          in_shardings=(shardings, batch_sharding, replicated),
-                          out_shardings=(shardings, replicated), donate_argnums=(0,))
+        rng = jax.ShapeDtypeStruct((), key.dtype, sharding=NamedSharding(mesh, P()))
+        step_fn = loop.jit_train_step(task, tx, config, abstract_state, mesh)
         t0 = time.perf_counter()
         lowered = step_fn.lower(abstract_state, batch, rng)
         lower_s = time.perf_counter() - t0
