@@ -85,28 +85,39 @@ def write_png(path: str, image: np.ndarray) -> None:
 
 class Writer:
     """Writes PNGs and grids into `output_dir` and one record per image to a new `samples.jsonl`
-    (files of an earlier run with the same names are replaced)."""
+    (files of an earlier run with the same names are replaced).
 
-    def __init__(self, output_dir: str, settings: dict[str, Any], seed: int, mode: str):
-        os.makedirs(output_dir, exist_ok=True)
+    With several processes every process computes every image (the pipeline's outputs are
+    replicated) and only process 0 writes (`enabled`), so each file is written once.
+    """
+
+    def __init__(self, output_dir: str, settings: dict[str, Any], seed: int, mode: str,
+                 enabled: bool = True):
         self.dir, self.settings, self.seed, self.mode = output_dir, settings, int(seed), mode
+        self.enabled = bool(enabled)
         self.records: list[dict[str, Any]] = []
-        self._jsonl = open(os.path.join(output_dir, "samples.jsonl"), "w", encoding="utf-8")
+        self._jsonl = None
+        if self.enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(output_dir, "samples.jsonl"), "w", encoding="utf-8")
 
     def image(self, name: str, image: np.ndarray, **fields) -> None:
-        write_png(os.path.join(self.dir, name), image)
         record = {"mode": self.mode, **fields, "seed": self.seed, "settings": self.settings, "file": name}
         self.records.append(record)
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        if self.enabled:
+            write_png(os.path.join(self.dir, name), image)
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
 
     def grid(self, name: str, images: np.ndarray, ncols: int | None = None) -> None:
         from unclip_jax.train import metrics
 
-        write_png(os.path.join(self.dir, name), metrics.image_grid(np.asarray(images), ncols=ncols))
+        if self.enabled:
+            write_png(os.path.join(self.dir, name), metrics.image_grid(np.asarray(images), ncols=ncols))
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
 
 def _batches(n: int, size: int):
@@ -220,6 +231,8 @@ def define_flags():
     from absl import flags
     from ml_collections import config_flags
 
+    from unclip_jax import cli  # noqa: F401  (--distributed and the coordinator flags)
+
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
                                     "Pipeline config: the stage workdirs and sampling settings.",
                                     lock_config=True)
@@ -305,10 +318,13 @@ def run_from_flags(FLAGS) -> None:
                              f"{len(names)} images, {len(FLAGS.mask)} masks, {len(prompts)} prompts")
         masks = np.stack([read_mask(m, images.shape[1:3]) for m in FLAGS.mask])
 
+    import jax
+
     pipe = pipeline_lib.UnCLIPPipeline.from_config(FLAGS.config, batch_size=FLAGS.batch_size)
-    writer = Writer(FLAGS.output_dir, pipe.resolved_settings(), FLAGS.seed, mode)
+    main_process = jax.process_index() == 0
+    writer = Writer(FLAGS.output_dir, pipe.resolved_settings(), FLAGS.seed, mode, enabled=main_process)
     try:
-        common = dict(seed=FLAGS.seed)
+        common = dict(seed=FLAGS.seed, progress=main_process)
         if mode == "text":
             run_text(pipe, writer, prompts, num_per_prompt=FLAGS.num_per_prompt,
                      batch_size=FLAGS.batch_size, **common)
@@ -326,7 +342,8 @@ def run_from_flags(FLAGS) -> None:
                         batch_size=FLAGS.batch_size, num_resample=FLAGS.num_resample, **common)
     finally:
         writer.close()
-    print(f"Wrote {len(writer.records)} images, their grids and samples.jsonl to {FLAGS.output_dir}")
+    if main_process:
+        print(f"Wrote {len(writer.records)} images, their grids and samples.jsonl to {FLAGS.output_dir}")
 
 
 if __name__ == "__main__":

@@ -38,5 +38,7 @@ setup(
         # (benchmarks/compile_only.py). Best in its own environment: with libtpu installed, JAX
         # looks for TPU chips at start-up.
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+        # NVIDIA GPUs: CUDA 12 wheels of jaxlib and its plugin.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.13"],
     },
 )

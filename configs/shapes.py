@@ -59,6 +59,9 @@ def data_config(side: int) -> ml_collections.ConfigDict:
 def mesh_config() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); -1 takes the rest.
+    # Of that shape, the part across hosts (GPU nodes, CPU hosts) or TPU slices, which talk over the
+    # slower data-centre network; -1: the number of them. Ignored on one host or one slice.
+    m.dcn_shape = (-1, 1, 1)
     m.num_devices = 0  # Use only the first N devices of each process (0: all of them).
     # Logical axis -> mesh axes, first match wins (see unclip_jax/parallel.py for the vocabulary).
     m.rules = tuple((name, axes) for name, axes in parallel.DEFAULT_RULES)

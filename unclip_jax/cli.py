@@ -7,7 +7,15 @@ from absl import flags, logging
 
 DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
-    "Call jax.distributed.initialize() first (multi-host: Cloud TPU, Slurm, Kubernetes).")
+    "Call jax.distributed.initialize() first (multi-host: Cloud TPU, Slurm, Kubernetes; the "
+    "cluster is detected from the environment).")
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for clusters JAX does not detect (implies --distributed; also "
+    "$JAX_COORDINATOR_ADDRESS).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 "
+                                  "(with --coordinator_address).")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -21,7 +29,8 @@ class _QuietLibraries(std_logging.Filter):
 def start() -> None:
     """Quiets library logging and, with --distributed, joins the multi-host job (before any device use)."""
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    if DISTRIBUTED.value:
+    if DISTRIBUTED.value or COORDINATOR_ADDRESS.value:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=COORDINATOR_ADDRESS.value,
+                                   num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)

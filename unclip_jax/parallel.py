@@ -64,10 +64,33 @@ def mesh_shape(spec: Sequence[int], num_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a `data/fsdp/tensor` mesh with `Auto` axes (what linen's logical rules need)."""
+def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None,
+              dcn_spec: Sequence[int] | None = None) -> Mesh:
+    """Builds a `data/fsdp/tensor` mesh with `Auto` axes (what linen's logical rules need).
+
+    `spec` is the whole mesh's shape. `dcn_spec` is the part of it that spans *granules* (TPU
+    slices, or processes where devices name no slice: GPU nodes, CPU hosts), which talk over the
+    data-centre network instead of ICI / NVLink; `-1` there is the number of granules. With one
+    granule it is ignored.
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(spec, len(devices))
+    granules = _granules(devices)
+    if len(granules) > 1 and dcn_spec is not None:
+        dcn = mesh_shape(dcn_spec, len(granules))
+        if any(s % d for s, d in zip(shape, dcn)):
+            raise ValueError(
+                f"config.mesh.dcn_shape={tuple(dcn_spec)} puts {dict(zip(MESH_AXES, dcn))} of the "
+                f"{len(granules)} hosts/slices on the axes of mesh {dict(zip(MESH_AXES, shape))}, "
+                "which they do not divide; choose mesh.shape and mesh.dcn_shape so that each axis of "
+                "the mesh is a multiple of its dcn_shape entry")
+        from jax.experimental import mesh_utils
+
+        ici = tuple(s // d for s, d in zip(shape, dcn))
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=not _is_tpu(devices),
+            allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     # An explicit device list: a subset (tests comparing 1 device with 8), or a TPU topology
@@ -83,13 +106,25 @@ def make_mesh(spec: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | 
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _is_tpu(devices: Sequence[jax.Device]) -> bool:
+    return devices[0].platform == "tpu"
+
+
+def _granules(devices: Sequence[jax.Device]) -> set[int]:
+    """TPU slices (ICI within a slice, however many hosts it has); else processes (GPU nodes)."""
+    if _is_tpu(devices):
+        return {getattr(d, "slice_index", 0) for d in devices}
+    return {d.process_index for d in devices}
+
+
 def mesh_from_config(mesh_config) -> Mesh:
-    """The mesh a config's `mesh` block describes (`shape`, optional `num_devices`)."""
+    """The mesh a config's `mesh` block describes (`shape`, optional `dcn_shape`, `num_devices`)."""
     n = int(mesh_config.get("num_devices", 0) or 0)
     devices = jax.devices()[:n] if n else None
     if n and jax.process_count() > 1:
         raise ValueError("config.mesh.num_devices is for single-process runs; leave it at 0 on multi-host")
-    return make_mesh(mesh_config.shape, devices)
+    dcn = mesh_config.get("dcn_shape") or (-1, 1, 1)
+    return make_mesh(mesh_config.shape, devices, dcn)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -183,11 +218,60 @@ def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh_shape: dict[str, in
     return tuple(out)
 
 
+def data_slice(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): this process feeds block `index` of `count` equal, contiguous row blocks of
+    every global batch (`batch_sharding(mesh)`).
+
+    The batch is split over `data` and `fsdp` only; when `tensor` (or part of `fsdp`) spans
+    processes, several processes hold the same rows and must read the same examples: they get the
+    same index. One process: (0, 1).
+    """
+    dp = data_parallel_size(mesh)  # One row per data-parallel shard.
+    indices = batch_sharding(mesh).addressable_devices_indices_map((dp,))
+    rows = sorted({idx[0].start or 0 for idx in indices.values()})
+    if rows != list(range(rows[0], rows[0] + len(rows))) or dp % len(rows):
+        raise ValueError(
+            f"process {jax.process_index()} holds data-parallel shards {rows} of {dp}: not one "
+            "contiguous block; order the mesh so that each process's devices are adjacent on the "
+            "data axes (config.mesh.dcn_shape)")
+    return rows[0] // len(rows), dp // len(rows)
+
+
 def global_batch_from_local(local: Any, mesh: Mesh) -> Any:
-    """Assembles per-process numpy batches into global `jax.Array`s sharded over the data axes."""
+    """Assembles per-process numpy batches (each this process's `data_slice` block of rows) into
+    global `jax.Array`s sharded over the data axes."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        local)
+    _, count = data_slice(mesh)
+
+    def assemble(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, (len(x) * count, *x.shape[1:]))
+
+    return jax.tree.map(assemble, local)
+
+
+def process_zero_first(fn, name: str):
+    """`fn()` on process 0, then on the others once it has returned (a barrier between): for work
+    that writes shared files (preparing a data set, training a tokenizer, a cache's metadata), so
+    the others find and check it instead of racing to write it. One process: just `fn()`."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(name)
+    return result if jax.process_index() == 0 else fn()
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process: the local copy when it is replicated, else
+    gathered from every process (`process_allgather`). Never `np.asarray` a sharded global array:
+    on several processes it raises, as a part of it lives on another host."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -214,5 +298,5 @@ def map_batches(fn, arrays: Sequence[np.ndarray], mesh: Mesh, batch_size: int) -
         chunks = [a[i:i + int(batch_size)] for a in arrays]
         rows = len(chunks[0])
         chunks = [jax.device_put(pad_rows(np.asarray(c), dp), batch_sharding(mesh)) for c in chunks]
-        out.append(np.asarray(fn(i, *chunks))[:rows])
+        out.append(to_host(fn(i, *chunks))[:rows])
     return np.concatenate(out, axis=0)

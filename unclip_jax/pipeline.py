@@ -31,7 +31,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.data import images as image_lib
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks import decoder as decoder_task
@@ -215,7 +215,7 @@ def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str
     expected = "upsampler" if stage.startswith("upsampler") else stage
     if not workdir:
         raise _stage_error(stage, repr(workdir), "no workdir given: set it in the pipeline config")
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    workdir = paths.resolve(workdir)
     stored = checkpointing.load_config(workdir) if os.path.isdir(workdir) else None
     if stored is not None and stored.get("stage") != expected:
         raise _stage_error(stage, workdir, f"it holds a trained {stored.get('stage')!r} stage, "
@@ -295,9 +295,9 @@ class UnCLIPPipeline:
         if got != want:
             fail("decoder", self.decoder, f"trained on a CLIP with {got}, but the pipeline's CLIP "
                                           f"({self.clip.task.workdir}) has {want}")
-        clip_dir = os.path.abspath(self.clip.task.workdir)
+        clip_dir = paths.resolve(self.clip.task.workdir)
         for stage, trained in (("prior", self.prior), ("decoder", self.decoder)):
-            theirs = os.path.abspath(os.path.expanduser(trained.config.get("clip_workdir", clip_dir)))
+            theirs = paths.resolve(trained.config.get("clip_workdir", clip_dir))
             if theirs != clip_dir:
                 logging.warning("pipeline stage %r was trained on the CLIP of %s, not %s: the "
                                 "embedding spaces must be the same", stage, theirs, clip_dir)
@@ -331,7 +331,7 @@ class UnCLIPPipeline:
         stages = [("clip", self.clip), ("prior", self.prior), ("decoder", self.decoder),
                   *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))]
         return {
-            "stages": {name: {"workdir": os.path.abspath(t.task.workdir), "step": int(t.step),
+            "stages": {name: {"workdir": paths.resolve(t.task.workdir), "step": int(t.step),
                               "params": t.which} for name, t in stages},
             "prior": resolve(s.prior, self.prior.config.diffusion),
             "decoder": resolve(s.decoder, self.decoder.config.diffusion),

@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import serialization
 
+from unclip_jax import parallel
 from unclip_jax.data import pipeline as pipeline_lib
 
 FORMAT_VERSION = 1
@@ -100,7 +101,7 @@ def _fingerprint(metadata: Mapping[str, Any]) -> str:
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -334,7 +335,9 @@ def build_cache(source, encode_fn: EncodeFn, cache_dir: str, split: str, *,
 
     cache_dir = os.fspath(cache_dir)
     split_dir = os.path.join(cache_dir, split)
-    _check_or_write_metadata(split_dir, wanted)
+    # Several processes: process 0 writes metadata.json; the others then check theirs against it.
+    parallel.process_zero_first(lambda: _check_or_write_metadata(split_dir, wanted),
+                                f"embedding cache metadata {split}")
     fingerprint = _fingerprint(wanted)
     num_chunks = math.ceil(num_examples / chunk_size)
     summary = BuildSummary(split=split, path=split_dir, num_examples=num_examples,

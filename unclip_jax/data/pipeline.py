@@ -1,8 +1,10 @@
 """Grain input pipelines over random-access sources (TFDS `data_source`s or the procedural shapes).
 
-Each process reads its own slice of the source (`process_index::process_count`), shuffles it
-deterministically (a new order every epoch, from `shuffle_seed`), preprocesses examples on grain
-threads and batches them. `Pipeline` iterates local numpy batches and exposes `get_state/set_state`
+The stream is global: the whole source shuffled deterministically (a new order every epoch, from
+`shuffle_seed`) and cut into global batches; with several data slices (processes feeding different
+rows), global batch b is local batches b*count .. b*count+count-1 and slice `index` reads only its
+own, so the examples a step sees do not depend on how many processes read them. Examples are
+preprocessed on grain threads. `Pipeline` iterates local numpy batches and exposes `get_state/set_state`
 so the checkpoint can hold the exact position of the stream: a resumed run sees the same next batch.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from unclip_jax import paths
 from unclip_jax.data import images as image_lib
 from unclip_jax.data import shapes
 
@@ -39,7 +42,7 @@ def make_source(data: ml_collections.ConfigDict, split: str):
     if data.source == "tfds":
         from unclip_jax.data import tfds_builders
 
-        data_dir = os.path.abspath(os.path.expanduser(data.data_dir))
+        data_dir = paths.resolve(data.data_dir)
         return tfds_builders.load_source(data.tfds_name, split=split, data_dir=data_dir, data=data)
     if data.source == "webdataset":
         from unclip_jax.data import tfds_builders
@@ -110,24 +113,29 @@ def make_pipeline(
     repeat: bool = True,
     with_index: bool = False,
 ) -> Pipeline:
-    """Builds this process's training stream: slice, shuffle every epoch, map, batch (drop remainder).
+    """Builds this data slice's training stream: shuffle every epoch, map, batch, take its batches.
 
-    With `with_index`, `map_fn(position, example)` also gets the example's position in this
-    process's stream (0, 1, 2, ... across epochs): a deterministic seed for per-example randomness
-    (random crops, corruptions) that a resumed run reproduces exactly.
+    `process_index` / `process_count` are the data slice this process feeds and the number of
+    slices (`parallel.data_slice`: processes whose devices hold the same rows read the same
+    batches). Only the examples of this slice's batches are read and preprocessed.
+
+    With `with_index`, `map_fn(position, example)` also gets the example's position in the global
+    stream (0, 1, 2, ... across epochs): a deterministic seed for per-example randomness (random
+    crops, corruptions) that a resumed run, or the same run on more processes, reproduces exactly.
     """
     ds = grain.MapDataset.source(source)
     if len(ds) < process_count * local_batch_size:
         raise ValueError(
             f"data set of {len(ds)} examples is smaller than one global batch "
-            f"({process_count} processes x {local_batch_size})")
-    ds = ds[process_index::process_count]
+            f"({process_count} data slices x {local_batch_size})")
     ds = ds.shuffle(seed=shuffle_seed)
     if repeat:
         ds = ds.repeat(None)
     ds = ds.map_with_index(map_fn) if with_index else ds.map(map_fn)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * local_batch_size)
+    ds = ds[process_index::process_count]
+    # Threads read whole batches; a few batches in flight keep them busy.
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
     return Pipeline(ds.to_iter_dataset(read))
 
 

@@ -38,6 +38,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from unclip_jax import parallel
 from unclip_jax.data import images, shapes
 from unclip_jax.data.checks import checked_int
 
@@ -329,15 +330,22 @@ def prepare(dataset, data_dir=None) -> tfds.core.DatasetBuilder:
     dataset: a name ("shapes", "shapes/32px"), a `ShapesConfig`, a `CaptionedFolderConfig`, or a
     builder. data_dir: where data sets live (TFDS's default when None). A complete data set is
     never rebuilt nor deleted; read it with `builder.as_data_source()` or `tfds.data_source`.
+    With several processes, process 0 builds it and the others open it once it is complete.
     """
     data_dir = None if data_dir is None else os.fspath(data_dir)
+    name = getattr(dataset, "name", dataset)
+    return parallel.process_zero_first(lambda: _prepare(_builder(dataset, data_dir)),
+                                       f"prepare data set {name}")
+
+
+def _builder(dataset, data_dir) -> tfds.core.DatasetBuilder:
     if isinstance(dataset, tfds.core.DatasetBuilder):
-        builder = dataset
-    elif isinstance(dataset, ShapesConfig):
-        builder = Shapes(config=dataset, data_dir=data_dir, file_format="array_record")
-    elif isinstance(dataset, CaptionedFolderConfig):
-        builder = CaptionedFolder(config=dataset, data_dir=data_dir, file_format="array_record")
-    elif isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, ShapesConfig):
+        return Shapes(config=dataset, data_dir=data_dir, file_format="array_record")
+    if isinstance(dataset, CaptionedFolderConfig):
+        return CaptionedFolder(config=dataset, data_dir=data_dir, file_format="array_record")
+    if isinstance(dataset, str):
         name, _, config = dataset.partition("/")
         if name not in _BUILDERS:
             raise ValueError(f"unknown data set {dataset!r}: expected one of "
@@ -349,10 +357,12 @@ def prepare(dataset, data_dir=None) -> tfds.core.DatasetBuilder:
         if config and config not in names:
             raise ValueError(f"unknown shapes config {config!r} in {dataset!r}: expected one "
                              f"of {names}, or pass a ShapesConfig")
-        builder = Shapes(config=config or None, data_dir=data_dir, file_format="array_record")
-    else:
-        raise ValueError(f"prepare() takes a data set name, config or builder, got "
-                         f"{type(dataset).__name__}")
+        return Shapes(config=config or None, data_dir=data_dir, file_format="array_record")
+    raise ValueError(f"prepare() takes a data set name, config or builder, got "
+                     f"{type(dataset).__name__}")
+
+
+def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         stored, wanted = builder.info.config_description, builder.builder_config.description
         if isinstance(builder.builder_config, (ShapesConfig, CaptionedFolderConfig)) \

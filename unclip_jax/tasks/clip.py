@@ -29,15 +29,20 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
     tok_dir = config.tokenizer.dir
     if not tok_dir:
         tok_dir = os.path.join(workdir, "tokenizer")
-        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+
+        def train():
+            if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+                return
             # Train into a temporary directory and rename, so a crash never leaves half a tokenizer.
             os.makedirs(workdir, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=workdir, prefix=".tokenizer-")
             tokenizer_lib.train_tokenizer(shapes.all_captions(), tmp, vocab_size=config.tokenizer.vocab_size)
             try:
                 os.rename(tmp, tok_dir)
-            except OSError:  # Another process got there first; its tokenizer is identical.
+            except OSError:  # Another run got there first; its tokenizer is identical.
                 pass
+
+        parallel.process_zero_first(train, "train tokenizer")  # The others read process 0's.
     return tokenizer_lib.Tokenizer.from_dir(tok_dir, context_length=config.tokenizer.context_length)
 
 

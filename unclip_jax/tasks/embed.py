@@ -18,7 +18,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import pipeline as pipeline_lib
 from unclip_jax.data import tfds_builders
@@ -107,8 +107,8 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
     Returns:
       {split: BuildSummary} of this process's work, for the splits that exist.
     """
-    clip_workdir = os.path.abspath(os.path.expanduser(os.fspath(clip_workdir)))
-    cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    clip_workdir = paths.resolve(clip_workdir)
+    cache_dir = paths.resolve(cache_dir)
     stored = checkpointing.load_config(clip_workdir) if os.path.isdir(clip_workdir) else None
     if stored is not None and stored.get("stage") != "clip":
         raise ValueError(f"{clip_workdir} trained stage {stored.get('stage')!r}, not 'clip': "
@@ -180,13 +180,13 @@ def cached_clip(config) -> CachedClip:
 
     Clear errors: a workdir with no trained CLIP, or a missing cache (naming the command to build it).
     """
-    clip_workdir = os.path.abspath(os.path.expanduser(config.clip_workdir))
+    clip_workdir = paths.resolve(config.clip_workdir)
     clip_config = checkpointing.load_config(clip_workdir)
     if clip_config is None:
         raise FileNotFoundError(
             f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
             "with python train.py --config configs/shapes.py:clip --workdir <dir>")
-    cache_dir = (os.path.abspath(os.path.expanduser(config.cache_dir)) if config.cache_dir
+    cache_dir = (paths.resolve(config.cache_dir) if config.cache_dir
                  else os.path.join(clip_workdir, "cache"))
     tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
     return CachedClip(clip_workdir, clip_config, tokenizer, cache_dir,

@@ -81,7 +81,9 @@ def _tree_bytes(tree) -> int:
 def _xla_flops(lowered, compiled, num_devices: int) -> float:
     """XLA's FLOP count of the whole step: the unoptimised global module where it can be had (after
     GPU compilation, products are library calls it does not count), else the compiled per-device
-    module times the device count."""
+    module times the device count. XLA counts the body of a loop once: for a layer stack under
+    `nn.scan` (the CLIP towers) or gradient accumulation it is far below the step's real count;
+    the analytic `model_tflops_per_step` is the figure MFU uses."""
     for stage, times in ((lowered, 1), (compiled, num_devices)):
         try:
             cost = stage.cost_analysis()

@@ -19,12 +19,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from unclip_jax import flops as flops_lib
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
 from unclip_jax.train import metrics as metrics_lib
@@ -214,8 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     Returns:
       A dict with `step`, the last logged train metrics (`train/...`) and evaluation metrics.
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)  # gs:// and other URLs are kept as they are.
+    paths.makedirs(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         checkpointing.save_config(config, workdir)
@@ -228,11 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     dp = parallel.data_parallel_size(mesh)
     global_batch = int(config.train.batch_size)
     accum = int(config.train.grad_accum_steps)
-    if global_batch % (dp * accum) or global_batch % jax.process_count():
+    if global_batch % (dp * accum):
         raise ValueError(
             f"config.train.batch_size={global_batch} must be divisible by the data-parallel size "
-            f"({dp}) times grad_accum_steps ({accum}) and by the process count ({jax.process_count()})")
-    local_batch = global_batch // jax.process_count()
+            f"({dp}) times grad_accum_steps ({accum})")
+    # Processes holding the same batch rows (a `tensor` axis across hosts) read the same examples.
+    slice_index, num_slices = parallel.data_slice(mesh)
+    local_batch = global_batch // num_slices
 
     writer = metrics_lib.MetricWriter(workdir)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -245,8 +248,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------------ state and data
         state, abstract_state = init_state(task, tx, init_rng, mesh, rules)
-        pipeline = task.train_pipeline(local_batch_size=local_batch, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+        pipeline = task.train_pipeline(local_batch_size=local_batch, process_index=slice_index,
+                                       process_count=num_slices)
         start_step = 0
         if ckpt.latest_step() is not None:
             del state
@@ -260,6 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
                          config.train.init_from, ", ".join(new) or "none")
         num_params = count_params(abstract_state.params)
         logging.info("%s: %s parameters on mesh %s", config.stage, f"{num_params:,}", dict(mesh.shape))
+        logging.info("process %d of %d reads data slice %d of %d (%d examples a step)",
+                     jax.process_index(), jax.process_count(), slice_index, num_slices, local_batch)
         perf = _Throughput.for_task(task, global_batch // dp // accum, mesh)
 
         # ------------------------------------------------------------------ compile
@@ -351,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
 
     ckpt.close()
     writer.flush()
-    if is_main and step >= num_steps and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if is_main and step >= num_steps and epath.Path(workdir, "metrics.jsonl").exists():
         metrics_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"))
     writer.close()
     return result

@@ -11,6 +11,7 @@ Layout written by `MetricWriter(workdir)` (process 0 only by default):
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 METRICS_FILENAME = "metrics.jsonl"
 TB_DIRNAME = "tb"
@@ -99,9 +101,14 @@ class MetricWriter:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(self.workdir, exist_ok=True)
-        # Line-buffered append: a resumed run continues the same file; every line reaches disk.
-        self._jsonl = open(os.path.join(self.workdir, METRICS_FILENAME), "a", buffering=1)
+        if "://" in self.workdir:
+            # An object store (gs://, s3://): no appends there, so the file is rewritten whole.
+            self._jsonl = _RewrittenFile(epath.Path(self.workdir) / METRICS_FILENAME)
+        else:
+            os.makedirs(self.workdir, exist_ok=True)
+            # Line-buffered append: a resumed run continues the same file; every line reaches disk.
+            self._jsonl = open(os.path.join(self.workdir, METRICS_FILENAME), "a", buffering=1)
+        # tensorboardX writes gs:// (google-cloud-storage) and s3:// (boto3) event files itself.
         self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIRNAME))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -135,13 +142,14 @@ class MetricWriter:
         from PIL import Image
 
         step = int(step)
-        samples_dir = os.path.join(self.workdir, SAMPLES_DIRNAME)
-        os.makedirs(samples_dir, exist_ok=True)
+        samples_dir = epath.Path(self.workdir) / SAMPLES_DIRNAME
+        samples_dir.mkdir(parents=True, exist_ok=True)
         for name, value in images.items():
             batch = _as_batch(name, value)
             grid = image_grid(batch)
-            path = os.path.join(samples_dir, f"{_filename_safe(name)}_{step:07d}.png")
-            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+            png = io.BytesIO()
+            Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(png, format="png")
+            (samples_dir / f"{_filename_safe(name)}_{step:07d}.png").write_bytes(png.getvalue())
             self._tb.add_image(name, grid, global_step=step, dataformats="HWC")
 
     def write_hparams(self, config_dict: Mapping[str, Any] | Any) -> None:
@@ -178,6 +186,25 @@ class MetricWriter:
         self.close()
 
 
+class _RewrittenFile:
+    """A text file on an object store, appended to by rewriting it whole on every `flush`."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._text = path.read_text() if path.exists() else ""  # A resumed run keeps the lines.
+
+    def write(self, text: str) -> None:
+        self._text += text
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self._text)
+
+    def close(self) -> None:
+        self.flush()
+
+
 def read_metrics(path: str) -> list[dict[str, float]]:
     """Reads a metrics.jsonl into one dict per step, ascending: `[{"step": s, name: value, ...}]`.
 
@@ -186,7 +213,7 @@ def read_metrics(path: str) -> list[dict[str, float]]:
     that is not valid JSON (a crash mid-write) is skipped with a warning.
     """
     by_step: dict[int, dict[str, float]] = {}
-    with open(path) as f:
+    with epath.Path(path).open() as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -257,7 +284,8 @@ def plot_metrics(metrics_jsonl: str, out_png: str, keys: Sequence[str] | None = 
         if plotted:
             ax.legend(fontsize="small")
     fig.tight_layout()
-    out_dir = os.path.dirname(os.fspath(out_png))
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    fig.savefig(out_png, format="png")
+    out = epath.Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    out.write_bytes(png.getvalue())

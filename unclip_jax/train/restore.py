@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from unclip_jax import parallel
+from unclip_jax import parallel, paths
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
 from unclip_jax.train import loop
@@ -84,7 +84,7 @@ def load_trained(workdir: str, *, which: str = "ema", step: int | None = None,
 
 def _load_state(workdir: str, step: int | None, mesh: Mesh | None):
     """(config, task, full train state, step, mesh) of the run in `workdir` (see `load_trained`)."""
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    workdir = paths.resolve(workdir)
     if not os.path.isdir(workdir):
         raise NotTrainedError(f"workdir {workdir} does not exist: {_train_hint(workdir, None)}")
     config = checkpointing.load_config(workdir)
