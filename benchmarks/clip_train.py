@@ -19,8 +19,7 @@ from flax import linen as nn  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from unclip_jax import parallel  # noqa: E402
-from unclip_jax.train import loop  # noqa: E402
+from unclip_jax import parallel, tasks  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/shapes.py:clip", "Config to benchmark.")
 flags.DEFINE_integer("steps", 30, "Timed steps (after one warm-up step).")
@@ -29,7 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
     config = FLAGS.config
-    task = loop.get_task(config, tempfile.mkdtemp(prefix="bench_clip_"))
+    task = tasks.get_task(config, tempfile.mkdtemp(prefix="bench_clip_"))
     mesh = parallel.mesh_from_config(config.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
         pipeline = task.train_pipeline(local_batch_size=int(config.train.batch_size), process_index=0,
@@ -40,7 +39,6 @@ def main(_):
         "benchmark": "clip_train", "config": "configs/shapes.py:clip",
         "batch_size": int(config.train.batch_size), "image_size": int(config.model.image_size),
         **timings, "steps_timed": FLAGS.steps, **common.machine_info()}, indent=2))
-
 
 if __name__ == "__main__":
     app.run(main)

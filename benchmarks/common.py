@@ -45,7 +45,7 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
     """
     rules = parallel.rules_from_config(config.mesh.rules)
     tx = state_lib.make_optimizer(config.train)
-    state, abstract = loop.init_state(task, tx, jax.random.key(0), mesh, rules)
+    state, abstract = state_lib.init_state(task, tx, jax.random.key(0), mesh, rules)
     step_fn = loop.jit_train_step(task, tx, config, abstract, mesh)
     rng = jax.random.key(1)
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
         state, m = compiled(state, batch, rng)
     jax.block_until_ready(m)
     elapsed = time.perf_counter() - t0
-    out = {"params": loop.count_params(abstract.params), "compile_seconds": round(compile_s, 2),
+    out = {"params": state_lib.count_params(abstract.params), "compile_seconds": round(compile_s, 2),
            "train_step_gflops_per_example": round(flops / batch_size / 1e9, 3),
            "examples_per_sec_step_only": round(steps * batch_size / elapsed, 1),
            # XLA's FLOP count of the step over its measured time (what MFU divides by the peak).

@@ -32,7 +32,6 @@ from benchmarks import common  # noqa: E402
 from configs import shapes  # noqa: E402
 from unclip_jax import parallel  # noqa: E402
 from unclip_jax.tasks import decoder as decoder_task  # noqa: E402
-from unclip_jax.train import loop  # noqa: E402
 
 flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step).")
 flags.DEFINE_integer("sample_repeats", 2, "Timed sampling calls (after one compiling call).")
@@ -81,7 +80,7 @@ def main(_):
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
         batch = parallel.global_batch_from_local(random_batch(FLAGS.batch_size, rng), mesh)
         timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
-        params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(0))
+        params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(0))
         cond = random_batch(NUM_SAMPLES, rng)
         sample = lambda seed: task.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
                                           jax.random.key(seed), guidance_scale=GUIDANCE)

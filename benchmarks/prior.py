@@ -24,7 +24,6 @@ from benchmarks import common  # noqa: E402
 from configs import shapes  # noqa: E402
 from unclip_jax import parallel  # noqa: E402
 from unclip_jax.tasks import prior as prior_task  # noqa: E402
-from unclip_jax.train import loop  # noqa: E402
 
 flags.DEFINE_integer("steps", 20, "Timed training steps (after one warm-up step).")
 flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls (after one compiling call).")
@@ -72,7 +71,7 @@ def main(_):
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
         batch = parallel.global_batch_from_local(random_records(BATCH, rng), mesh)
         timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
-        params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(0))
+        params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(0))
         records = random_records(NUM_SAMPLES, rng)
         sample = lambda seed: task.sample_z_i(params, mesh, records, jax.random.key(seed),  # noqa: E731
                                               guidance_scale=3.0, best_of=2)

@@ -32,7 +32,7 @@ from unclip_jax.tasks import clip as clip_task  # noqa: E402
 from unclip_jax.tasks import decoder as decoder_task  # noqa: E402
 from unclip_jax.tasks import prior as prior_task  # noqa: E402
 from unclip_jax.tasks import upsampler as upsampler_task  # noqa: E402
-from unclip_jax.train import loop, restore  # noqa: E402
+from unclip_jax.train import restore  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 16, "Captions per batch (one image each).")
 flags.DEFINE_integer("repeats", 2, "Timed calls per stage (after one compiling call).")
@@ -43,7 +43,7 @@ def random_stage(config, task, mesh, seed: int) -> restore.Trained:
     """A `restore.Trained` with the task's initialised params, replicated on `mesh`."""
     rules = parallel.rules_from_config(config.mesh.rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.jit(lambda r: loop.unbox(task.init_params(r)))(jax.random.key(seed))
+        params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(seed))
     return restore.Trained(config=config, task=task, params=parallel.replicate(params, mesh), step=0, mesh=mesh)
 
 

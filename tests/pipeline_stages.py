@@ -18,7 +18,8 @@ from flax import linen as nn
 from tests import helpers
 from unclip_jax import parallel
 from unclip_jax.tasks import embed
-from unclip_jax.train import checkpointing, loop
+from unclip_jax import tasks
+from unclip_jax.train import checkpointing
 from unclip_jax.train import state as state_lib
 
 _WORKDIRS: dict[str, str] = {}
@@ -44,12 +45,12 @@ def write_random_stage(config, workdir: str, *, seed: int = 0) -> str:
     The optimizer state is zeros; `params` and `ema_params` are the same random tree.
     """
     checkpointing.save_config(config, workdir)
-    task = loop.get_task(config, workdir)
+    task = tasks.get_task(config, workdir)
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.mesh.rules)
     tx = state_lib.make_optimizer(config.train)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = loop.abstract_train_state(task, tx, jax.random.key(seed), mesh, rules)
+        abstract = state_lib.abstract_train_state(task, tx, jax.random.key(seed), mesh, rules)
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map_with_path(lambda p, x: _random_leaf(p, x, rng), abstract.params)
     state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)

@@ -9,7 +9,7 @@ import pytest
 
 from unclip_jax.data import embedding_cache as ec
 from unclip_jax.data import images as image_lib
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.data import shapes
 
 D, L, W = 4, 6, 3
@@ -75,7 +75,7 @@ def build(source, cache_dir, encode=fake_encode, **kwargs):
 
 
 def expected(source, i, hidden_dtype=np.float16):
-    image, caption = pipeline_lib.decode_example(source[i], SIDE)
+    image, caption = input_pipeline.decode_example(source[i], SIDE)
     out = {k: v[0] for k, v in fake_encode(image[None], [caption]).items()}
     out["text_hidden"] = out["text_hidden"].astype(hidden_dtype)
     return out, caption

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.data import embedding_cache as ec
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.data import tfds_builders
 from unclip_jax.data import webdataset as wds
 
@@ -48,14 +48,14 @@ def test_indexing_skips_and_counts_missing_captions_and_reads_samples(tmp_path, 
     assert "skipping 00002" in caplog.text and "missing_caption" in caplog.text
     example = source[0]
     assert example["key"] == "00000" and example["caption"] == "caption 00000"
-    image, caption = pipeline_lib.decode_example(example, None)
+    image, caption = input_pipeline.decode_example(example, None)
     assert caption == "caption 00000" and image.shape == (24, 32, 3)
     # JPEG is lossy: close to what was written, not equal.
     assert np.abs(image.astype(int) - _image(0).astype(int)).mean() < 4
     assert [source[i]["key"] for i in range(len(source))][:4] == ["00000", "00001", "00003", "00100"]
     assert source[-1]["key"] == "00203"
     with pytest.raises(ValueError, match="could not decode image"):
-        pipeline_lib.decode_example(source[1], None)  # the corrupt jpg fails when decoded
+        input_pipeline.decode_example(source[1], None)  # the corrupt jpg fails when decoded
 
 
 def test_verify_images_skips_corrupt_images_at_indexing(tmp_path):
@@ -133,10 +133,10 @@ def test_make_source_reads_webdataset_splits(tmp_path):
     validation = make_shards(tmp_path / "validation", num_shards=1)
     data = ml_collections.ConfigDict({"source": "webdataset", "shards": train,
                                       "validation_shards": validation})
-    assert len(pipeline_lib.make_source(data, "train")) == 7
-    assert len(pipeline_lib.make_source(data, "validation")) == 3
+    assert len(input_pipeline.make_source(data, "train")) == 7
+    assert len(input_pipeline.make_source(data, "validation")) == 3
     with pytest.raises(tfds_builders.MissingSplitError, match="heldout"):
-        pipeline_lib.make_source(data, "heldout")
+        input_pipeline.make_source(data, "heldout")
     with pytest.raises(ValueError, match="needs config.data.shards"):
-        pipeline_lib.make_source(ml_collections.ConfigDict({"source": "webdataset", "shards": ""}),
+        input_pipeline.make_source(ml_collections.ConfigDict({"source": "webdataset", "shards": ""}),
                                  "train")

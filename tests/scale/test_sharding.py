@@ -89,7 +89,7 @@ def _check_state(state, mesh):
 def test_tiny_stage_state_shardings_on_8_devices(variant, mesh_shape):
     _, task, mesh, rules, tx = _setup(variant, mesh_shape)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = loop.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
+        abstract = state_lib.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
     _check_state(abstract, mesh)
 
 
@@ -97,7 +97,7 @@ def test_tiny_stage_state_shardings_on_8_devices(variant, mesh_shape):
 def test_tiny_stage_initialises_and_steps_on_fsdp_and_tensor(variant):
     config, task, mesh, rules, tx = _setup(variant, (1, 4, 2))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, abstract = loop.init_state(task, tx, jax.random.key(0), mesh, rules)
+        state, abstract = state_lib.init_state(task, tx, jax.random.key(0), mesh, rules)
         _check_state(state, mesh)
         step = loop.jit_train_step(task, tx, config, abstract, mesh)
         batch = parallel.global_batch_from_local(_batch(task, int(config.train.batch_size)), mesh)

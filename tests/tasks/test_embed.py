@@ -8,7 +8,7 @@ import pytest
 from tests import numerics
 from tests.train import tiny_clip
 from unclip_jax.data import embedding_cache as ec
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.tasks import embed
 from unclip_jax.train import restore
 
@@ -36,8 +36,8 @@ def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
         cache = ec.CacheSource(cache_dir, split)
         assert len(cache) == 40
         records = [cache[i] for i in range(len(cache))]
-        source = pipeline_lib.make_source(trained.config.data, split)
-        decoded = [pipeline_lib.decode_example(source[i], task.side) for i in range(40)]
+        source = input_pipeline.make_source(trained.config.data, split)
+        decoded = [input_pipeline.decode_example(source[i], task.side) for i in range(40)]
         images = np.stack([image for image, _ in decoded])
         captions = [caption for _, caption in decoded]
         assert [r["caption"] for r in records] == captions

@@ -39,7 +39,7 @@ def _task_with_random_params(config, tmp_path):
     """A decoder task, perturbed init params (a zero-init output would hide the conditioning), the
     conditioning of 4 validation examples, and x_t, t for one model call."""
     task = decoder_task.DecoderTask(config, str(tmp_path))
-    params = loop.unbox(task.init_params(jax.random.key(0)))
+    params = parallel.unbox(task.init_params(jax.random.key(0)))
     params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
     source = task.source("validation")
     items = [source[i] for i in range(4)]
@@ -90,7 +90,7 @@ def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
         config.mesh.num_devices = 1
     task = decoder_task.DecoderTask.from_dims(config, str(tmp_path), clip_dim=16, text_length=8,
                                               vocab_size=100, eot_token_id=99)
-    params = loop.unbox(task.init_params(jax.random.key(0)))
+    params = parallel.unbox(task.init_params(jax.random.key(0)))
     assert not any("text" in k for k in params)
     b, s = 2, task.side
     batch = {"image": jnp.zeros((b, s, s, 3), jnp.uint8), "z_i": jax.random.normal(jax.random.key(1), (b, 16)),
@@ -123,7 +123,7 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     with config.unlocked():
         config.diffusion.residual, config.diffusion.param = True, "x0"
     task = upsampler_task.UpsamplerTask(config, str(tmp_path))
-    params = loop.unbox(task.init_params(jax.random.key(0)))
+    params = parallel.unbox(task.init_params(jax.random.key(0)))
     low = jax.random.randint(jax.random.key(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
     out = task.sample_body()(params, low, jax.random.key(2))
     cond = diff_lib.to_model_range(low)

@@ -12,7 +12,7 @@ from flax import linen as nn
 from configs import shapes as shapes_config
 from tests import helpers
 from tests.helpers import losses, tiny_config
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing, loop
@@ -112,7 +112,7 @@ class Regression(Task):
         xs = rng.normal(size=(256, 8)).astype(np.float32)
         ys = (xs @ rng.normal(size=(8, 4))).astype(np.float32)
         source = [{"x": x, "y": y} for x, y in zip(xs, ys)]
-        return pipeline_lib.make_pipeline(source, lambda e: e, local_batch_size=local_batch_size,
+        return input_pipeline.make_pipeline(source, lambda e: e, local_batch_size=local_batch_size,
                                           shuffle_seed=0, process_index=process_index,
                                           process_count=process_count, num_threads=1)
 

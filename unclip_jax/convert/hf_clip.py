@@ -539,7 +539,7 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
     from unclip_jax import parallel
     from unclip_jax.models import layers
     from unclip_jax.tasks import clip as clip_task
-    from unclip_jax.train import checkpointing, loop
+    from unclip_jax.train import checkpointing
     from unclip_jax.train import state as state_lib
 
     hf_dir = _check_dir(hf_dir)
@@ -568,7 +568,7 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
         if bool(config.model.get("scan_layers", False)):
             params = jax.tree.map(np.asarray, layers.stack_layer_params(params))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            abstract = loop.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
+            abstract = state_lib.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
             differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
                                                           checkpointing._flat_shapes(abstract.params))
             if differences:  # A bug in the mapping above, not in the user's checkpoint.
@@ -576,7 +576,7 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
                                                        for d in differences])
             params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract.params, params)
             state = jax.jit(lambda p: state_lib.create_state(p, tx),
-                            out_shardings=loop.state_shardings(abstract))(params)
+                            out_shardings=state_lib.state_shardings(abstract))(params)
         with checkpointing.Checkpointer(os.path.join(tmp, "checkpoints"), max_to_keep=None,
                                         async_save=False) as ckpt:
             ckpt.save(0, state, config=config)

@@ -52,7 +52,7 @@ import numpy as np
 from flax import serialization
 
 from unclip_jax import parallel
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1024
@@ -186,7 +186,7 @@ def _chunk_complete(split_dir: str, chunk: int, fingerprint: str) -> bool:
 def _load_example(source, index: int, image_size: int | None):
     """(index, image, caption, None) or (index, None, None, error) for a corrupt example."""
     try:
-        image, caption = pipeline_lib.decode_example(source[index], image_size)
+        image, caption = input_pipeline.decode_example(source[index], image_size)
     except (ValueError, OSError) as e:
         return index, None, None, f"{type(e).__name__}: {e}"
     return index, image, caption, None
@@ -282,7 +282,7 @@ def build_cache(source, encode_fn: EncodeFn, cache_dir: str, split: str, *,
 
     Args:
       source: random access (`len`, `[i]`) of raw examples `{"image", "caption"}` (see
-        `pipeline.make_source`); images are decoded with `pipeline.decode_example`.
+        `input_pipeline.make_source`); images are decoded with `input_pipeline.decode_example`.
       encode_fn: `(images uint8 [B, H, W, 3], captions list[str]) -> {"z_i": [B, D],
         "z_t": [B, D], "text_hidden": [B, L, W], "tokens": int [B, L]}` (numpy). It is always
         called with B = `batch_size` (the last batch of a chunk is padded by repeating), so a

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 
 
 class Task(abc.ABC):
@@ -34,7 +34,7 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def train_pipeline(self, *, local_batch_size: int, process_index: int,
-                       process_count: int) -> pipeline_lib.Pipeline:
+                       process_count: int) -> input_pipeline.Pipeline:
         """This process's stream of training batches (numpy dicts), with get_state/set_state."""
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from unclip_jax import parallel
 from unclip_jax.data import images as image_lib
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.data import shapes
 from unclip_jax.data import tfds_builders
 from unclip_jax.data import tokenizer as tokenizer_lib
@@ -46,7 +46,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
     return tokenizer_lib.Tokenizer.from_dir(tok_dir, context_length=config.tokenizer.context_length)
 
 
-def normalize(images: jax.Array, mean=pipeline_lib.CLIP_MEAN, std=pipeline_lib.CLIP_STD) -> jax.Array:
+def normalize(images: jax.Array, mean=input_pipeline.CLIP_MEAN, std=input_pipeline.CLIP_STD) -> jax.Array:
     """uint8 [B, H, W, 3] -> float32 normalised with `mean` and `std` (per channel, for pixels in
     [0, 1]; default OpenAI CLIP's), done on device."""
     mean = jnp.asarray(mean, jnp.float32)
@@ -132,8 +132,8 @@ class ClipTask(Task):
             raise ValueError(f"config.preprocess.crop_size={self.preprocess.crop_size} must equal "
                              f"config.model.image_size={self.side}")
         p = self.preprocess
-        self.mean = np.asarray(p.mean if p else pipeline_lib.CLIP_MEAN, np.float32)
-        self.std = np.asarray(p.std if p else pipeline_lib.CLIP_STD, np.float32)
+        self.mean = np.asarray(p.mean if p else input_pipeline.CLIP_MEAN, np.float32)
+        self.std = np.asarray(p.std if p else input_pipeline.CLIP_STD, np.float32)
         self._encoders = {}  # Jitted image / text encoders for evaluation, built on first use.
 
     # ------------------------------------------------------------------ model and loss
@@ -155,8 +155,8 @@ class ClipTask(Task):
     def decode(self, example: Mapping[str, Any]) -> tuple[np.ndarray, str]:
         """A raw example -> (uint8 [side, side, 3] image, caption), resized and cropped for this CLIP."""
         if self.preprocess is None:
-            return pipeline_lib.decode_example(example, self.side)
-        image, caption = pipeline_lib.decode_example(example, None)
+            return input_pipeline.decode_example(example, self.side)
+        image, caption = input_pipeline.decode_example(example, None)
         p = self.preprocess
         image = image_lib.clip_preprocess(image, resize_size=int(p.resize_size),
                                           crop_size=int(p.crop_size), resample=str(p.resample))
@@ -177,8 +177,8 @@ class ClipTask(Task):
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
         data = self.config.data
-        return pipeline_lib.make_pipeline(
-            pipeline_lib.make_source(data, "train"), self.map_example, local_batch_size=local_batch_size,
+        return input_pipeline.make_pipeline(
+            input_pipeline.make_source(data, "train"), self.map_example, local_batch_size=local_batch_size,
             shuffle_seed=data.shuffle_seed, process_index=process_index, process_count=process_count,
             num_threads=data.num_threads)
 
@@ -203,7 +203,7 @@ class ClipTask(Task):
         probe_train = {}  # The probe's training z_i and captions, embedded on first use.
         for split in self.config.eval.splits:
             try:
-                source = pipeline_lib.make_source(self.config.data, split)
+                source = input_pipeline.make_source(self.config.data, split)
             except tfds_builders.MissingSplitError:
                 logging.info("No %r split: skipping its evaluation.", split)
                 continue
@@ -226,7 +226,7 @@ class ClipTask(Task):
             logging.info("No single-object shapes caption in %r: skipping the z_i probe.", split)
             return {}
         if not train:
-            source = pipeline_lib.make_source(self.config.data, "train")
+            source = input_pipeline.make_source(self.config.data, "train")
             train["z_i"], train["captions"] = self.embed_examples(
                 params, mesh, source, int(self.config.eval.probe_train_examples))
         probe = embedding_probe.attribute_probe(train["z_i"], train["captions"], z_i, captions)
@@ -244,7 +244,7 @@ class ClipTask(Task):
     def embed_examples(self, params, mesh: Mesh, source, num_examples: int) -> tuple[np.ndarray, list[str]]:
         """(unit z_i [N, embed_dim], captions) of the first `num_examples` examples of `source`."""
         images, captions = [], []
-        for batch in pipeline_lib.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
+        for batch in input_pipeline.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
                                                num_examples=num_examples,
                                                batch_size=self.config.eval.batch_size):
             images.append(batch["image"])
@@ -276,6 +276,3 @@ class ClipTask(Task):
             f"eval/{split}/retrieval_top1_of_all": float(np.mean(scores.argmax(1) == truth)),
             f"eval/{split}/num_captions": float(len(pool)),
         }
-
-
-TASK = ClipTask

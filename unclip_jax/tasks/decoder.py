@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from unclip_jax import parallel
 from unclip_jax.data import embedding_cache
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.diffusion import samplers
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
@@ -43,7 +43,7 @@ class CachedImageSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.cache[i]
-        image, caption = pipeline_lib.decode_example(self.images[int(record["index"])], self.side)
+        image, caption = input_pipeline.decode_example(self.images[int(record["index"])], self.side)
         return {"image": image, "z_i": np.asarray(record["z_i"], np.float32),
                 "tokens": np.asarray(record["tokens"], np.int32), "caption": caption}
 
@@ -85,7 +85,7 @@ class DecoderTask(Task):
 
     def source(self, split: str) -> CachedImageSource:
         return CachedImageSource(embedding_cache.CacheSource(self.clip.cache_dir, split),
-                                 pipeline_lib.make_source(self.clip.clip_config.data, split), self.side)
+                                 input_pipeline.make_source(self.clip.clip_config.data, split), self.side)
 
     def _conditioning(self, batch: Mapping[str, jax.Array], drop_z_i=None, drop_text=None):
         """The UNet's conditioning kwargs: z_i, and the caption unless the text pathway is off."""
@@ -128,7 +128,7 @@ class DecoderTask(Task):
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
         data = self.config.data
-        return pipeline_lib.make_pipeline(
+        return input_pipeline.make_pipeline(
             self.source("train"), self.map_example, local_batch_size=local_batch_size,
             shuffle_seed=data.shuffle_seed, process_index=process_index, process_count=process_count,
             num_threads=data.num_threads)
@@ -252,6 +252,3 @@ class DecoderTask(Task):
         n = min(16, len(z_i))
         decoded = self.decode(params, mesh, z_i[:n], tokens[:n], jax.random.key(1))
         return {"decoded_vs_real": np.concatenate([decoded, real[:n]])}
-
-
-TASK = DecoderTask

@@ -3,7 +3,7 @@
     summaries = build_clip_cache("runs/shapes_clip", "runs/shapes_clip/cache")
     source = embedding_cache.CacheSource("runs/shapes_clip/cache", "train")
 
-`embed.py` at the repository root is the command-line entry. Not a trainable stage (no `TASK`).
+`embed.py` at the repository root is the command-line entry. Not a trainable stage.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import parallel, paths
 from unclip_jax.data import embedding_cache
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.data import tfds_builders
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.train import checkpointing
@@ -125,7 +125,7 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
     summaries = {}
     for split in splits:
         try:
-            source = pipeline_lib.make_source(config.data, split)
+            source = input_pipeline.make_source(config.data, split)
         except tfds_builders.MissingSplitError as e:
             logging.warning("Skipping split %r: %s", split, e)
             continue

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from unclip_jax import parallel
 from unclip_jax.data import embedding_cache
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import prior as prior_lib
@@ -116,7 +116,7 @@ class PriorTask(Task):
         return {k: np.asarray(record[k]) for k in CACHE_FIELDS}
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
-        return pipeline_lib.make_pipeline(
+        return input_pipeline.make_pipeline(
             embedding_cache.CacheSource(self.cache_dir, "train"), self.map_record,
             local_batch_size=local_batch_size, shuffle_seed=self.config.data.shuffle_seed,
             process_index=process_index, process_count=process_count,
@@ -221,6 +221,3 @@ class PriorTask(Task):
             picks = rng.choice(others, size=min(k - 1, len(others)), replace=False)
             correct += scores[n, n] > scores[n, picks].max()
         return float(correct / len(pred))
-
-
-TASK = PriorTask

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from unclip_jax import parallel
 from unclip_jax.data import degradations
 from unclip_jax.data import images as image_lib
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.tasks import image_diffusion as diff_lib
@@ -84,7 +84,7 @@ class UpsamplerTask(Task):
 
     def map_example(self, position: int, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """A random crop and its corrupted low-res version, random per stream position (resumable)."""
-        image, _ = pipeline_lib.decode_example(example, self.side)
+        image, _ = input_pipeline.decode_example(example, self.side)
         rng = degradations.example_rng(int(self.config.data.crop_seed), position)
         high, low = degradations.crop_and_corrupt(image, self.crop, self.scale,
                                                   self.config.data.corruption, rng)
@@ -92,8 +92,8 @@ class UpsamplerTask(Task):
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
         data = self.config.data
-        return pipeline_lib.make_pipeline(
-            pipeline_lib.make_source(data, "train"), self.map_example, local_batch_size=local_batch_size,
+        return input_pipeline.make_pipeline(
+            input_pipeline.make_source(data, "train"), self.map_example, local_batch_size=local_batch_size,
             shuffle_seed=data.shuffle_seed, process_index=process_index, process_count=process_count,
             num_threads=data.num_threads, with_index=True)
 
@@ -136,8 +136,8 @@ class UpsamplerTask(Task):
         return diff_lib.to_uint8(upsampled)
 
     def _eval_examples(self, split: str):
-        source = pipeline_lib.make_source(self.config.data, split)
-        items = [pipeline_lib.decode_example(source[i], self.side)
+        source = input_pipeline.make_source(self.config.data, split)
+        items = [input_pipeline.decode_example(source[i], self.side)
                  for i in range(min(len(source), int(self.config.eval.num_examples)))]
         high = np.stack([image for image, _ in items])
         low = np.stack([degradations.corrupt_low_res(x, self.scale, "none") for x in high])
@@ -163,6 +163,3 @@ class UpsamplerTask(Task):
         n = min(8, len(high))
         upsampled = self.upsample(params, mesh, low[:n], jax.random.key(1))
         return {"upsampled_vs_real": np.concatenate([upsampled, high[:n]])}
-
-
-TASK = UpsamplerTask

@@ -66,7 +66,7 @@ def count_params(config: ml_collections.ConfigDict) -> int:
     """Parameters of the stage's model, from `jax.eval_shape` (nothing allocated)."""
     task = task_from_sizes(config)
     abstract = jax.eval_shape(task.init_params, jax.random.key(0))
-    return loop.count_params(nn.meta.unbox(abstract))
+    return state_lib.count_params(nn.meta.unbox(abstract))
 
 
 def _tree_bytes(tree) -> int:
@@ -114,7 +114,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
                          f"size {dp} times grad_accum_steps {accum}")
     key = jax.random.key(0)  # Made on this host, outside the (maybe remote) mesh.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_state = loop.abstract_train_state(task, tx, key, mesh, rules)
+        abstract_state = state_lib.abstract_train_state(task, tx, key, mesh, rules)
         batch_sharding = parallel.batch_sharding(mesh)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
                  for k, v in task.batch_spec(global_batch).items()}
@@ -134,7 +134,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
                    for name in ("params", "ema_params", "opt_state")}
     out = {
         "stage": config.stage,
-        "params": loop.count_params(abstract_state.params),
+        "params": state_lib.count_params(abstract_state.params),
         "devices": len(devices),
         "device_kind": getattr(devices[0], "device_kind", str(devices[0].platform)),
         "mesh": dict(mesh.shape),

@@ -7,7 +7,6 @@ accumulation and EMA), checkpoints (resume from the latest), metrics, the NaN gu
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import signal
 import time
@@ -26,25 +25,15 @@ from tqdm import tqdm
 
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel, paths
+from unclip_jax import tasks
 from unclip_jax.tasks.base import Task
-from unclip_jax.train import checkpointing
+from unclip_jax.train import checkpointing, restore
 from unclip_jax.train import metrics as metrics_lib
 from unclip_jax.train import state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-def get_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    """Instantiates the task named by `config.stage` (module unclip_jax.tasks.<stage>, class `TASK`)."""
-    try:
-        module = importlib.import_module(f"unclip_jax.tasks.{config.stage}")
-    except ModuleNotFoundError as e:
-        raise ValueError(f"config.stage={config.stage!r}: no task module unclip_jax/tasks/{config.stage}.py") from e
-    if not hasattr(module, "TASK"):
-        raise ValueError(f"config.stage={config.stage!r}: unclip_jax/tasks/{config.stage}.py is not a trainable stage")
-    return module.TASK(config, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,56 +87,11 @@ def make_train_step(task: Task, tx, config: ml_collections.ConfigDict):
 def jit_train_step(task: Task, tx, config: ml_collections.ConfigDict, abstract_state, mesh):
     """The train step jitted with the state's shardings, the batch sharding and donation: what the
     loop runs, and what the benchmarks and ahead-of-time compiles lower."""
-    shardings = state_shardings(abstract_state)
+    shardings = state_lib.state_shardings(abstract_state)
     replicated = NamedSharding(mesh, P())
     return jax.jit(make_train_step(task, tx, config),
                    in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharded initialisation.
-# ---------------------------------------------------------------------------------------------
-def _boxed_init_fn(task: Task, tx):
-    def boxed_init(r):
-        return state_lib.create_state(task.init_params(r), tx)
-
-    return boxed_init
-
-
-def abstract_train_state(task: Task, tx, rng: jax.Array, mesh, rules):
-    """The train state's unboxed tree of `ShapeDtypeStruct`s with shardings, allocating nothing.
-
-    This is what `init_state` initialises into and what a checkpoint restores onto.
-    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
-    """
-    abstract_boxed = jax.eval_shape(_boxed_init_fn(task, tx), rng)
-    shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        unbox(abstract_boxed), shardings)
-
-
-def init_state(task: Task, tx, rng: jax.Array, mesh, rules):
-    """Initialises the train state directly into its shardings; returns (state, abstract_state).
-
-    `abstract_state` is `abstract_train_state(...)` (what restore needs).
-    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
-    """
-    abstract = abstract_train_state(task, tx, rng, mesh, rules)
-    boxed_init = _boxed_init_fn(task, tx)
-    init = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=state_shardings(abstract))
-    return init(rng), abstract
-
-
-unbox = parallel.unbox
-
-
-def state_shardings(abstract_state):
-    return jax.tree.map(lambda a: a.sharding, abstract_state)
-
-
-def count_params(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     is_main = jax.process_index() == 0
     if is_main:
         checkpointing.save_config(config, workdir)
-    task = task or get_task(config, workdir)
+    task = task or tasks.get_task(config, workdir)
     num_steps = int(config.train.num_steps)
     last_step = num_steps if stop_at_step is None else min(num_steps, int(stop_at_step))
 
@@ -247,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------------ state and data
-        state, abstract_state = init_state(task, tx, init_rng, mesh, rules)
+        state, abstract_state = state_lib.init_state(task, tx, init_rng, mesh, rules)
         pipeline = task.train_pipeline(local_batch_size=local_batch, process_index=slice_index,
                                        process_count=num_slices)
         start_step = 0
@@ -256,12 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
             state, start_step = ckpt.restore(abstract_state, data_iterator=pipeline)
             logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
         elif config.train.get("init_from"):
-            from unclip_jax.train import restore  # restore imports this module.
-
             state, new = restore.warm_start(state, config.train.init_from, mesh)
             logging.info("Warm start: params and EMA params from %s; newly initialised: %s",
                          config.train.init_from, ", ".join(new) or "none")
-        num_params = count_params(abstract_state.params)
+        num_params = state_lib.count_params(abstract_state.params)
         logging.info("%s: %s parameters on mesh %s", config.stage, f"{num_params:,}", dict(mesh.shape))
         logging.info("process %d of %d reads data slice %d of %d (%d examples a step)",
                      jax.process_index(), jax.process_count(), slice_index, num_slices, local_batch)

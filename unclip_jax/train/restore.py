@@ -18,10 +18,9 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from unclip_jax import parallel, paths
+from unclip_jax import parallel, paths, tasks
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
-from unclip_jax.train import loop
 from unclip_jax.train import state as state_lib
 
 PARAM_KINDS = ("ema", "params")
@@ -101,12 +100,12 @@ def _load_state(workdir: str, step: int | None, mesh: Mesh | None):
         if ckpt.latest_step() is None:
             raise NotTrainedError(
                 f"workdir {workdir} has no checkpoint: {_train_hint(workdir, config)}")
-        task = loop.get_task(config, workdir)
+        task = tasks.get_task(config, workdir)
         mesh = mesh if mesh is not None else parallel.mesh_from_config(config.mesh)
         rules = parallel.rules_from_config(config.mesh.rules)
         tx = state_lib.make_optimizer(config.train)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            abstract = loop.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
+            abstract = state_lib.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
         state, restored_step = ckpt.restore(abstract, step=step, data_iterator=None)
     return config, task, state, int(restored_step), mesh
 

@@ -1,6 +1,7 @@
 """Train state (params, EMA params, optimizer state, step) and the optimizer built from a config."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -8,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import linen as nn
+
+from unclip_jax import parallel
 
 
 @flax.struct.dataclass
@@ -59,3 +63,46 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     """EMA decay warmed up as min(decay, (1 + t) / (10 + t)), so short runs' EMA is not stuck at init."""
     t = step.astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+# ---------------------------------------------------------------------------------------------
+# The state's shapes and shardings, and its sharded initialisation.
+# ---------------------------------------------------------------------------------------------
+def _boxed_init_fn(task, tx):
+    def boxed_init(r):
+        return create_state(task.init_params(r), tx)
+
+    return boxed_init
+
+
+def abstract_train_state(task, tx, rng: jax.Array, mesh, rules):
+    """The train state's unboxed tree of `ShapeDtypeStruct`s with shardings, allocating nothing.
+
+    This is what `init_state` initialises into and what a checkpoint restores onto.
+    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    abstract_boxed = jax.eval_shape(_boxed_init_fn(task, tx), rng)
+    shardings = parallel.logical_shardings(abstract_boxed, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        parallel.unbox(abstract_boxed), shardings)
+
+
+def init_state(task, tx, rng: jax.Array, mesh, rules):
+    """Initialises the train state directly into its shardings; returns (state, abstract_state).
+
+    `abstract_state` is `abstract_train_state(...)` (what restore needs).
+    Must be called under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    abstract = abstract_train_state(task, tx, rng, mesh, rules)
+    boxed_init = _boxed_init_fn(task, tx)
+    init = jax.jit(lambda r: nn.meta.unbox(boxed_init(r)), out_shardings=state_shardings(abstract))
+    return init(rng), abstract
+
+
+def state_shardings(abstract_state):
+    return jax.tree.map(lambda a: a.sharding, abstract_state)
+
+
+def count_params(tree) -> int:
+    """Number of parameters (elements) in a tree of arrays or abstract arrays."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

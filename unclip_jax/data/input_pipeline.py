@@ -9,7 +9,6 @@ so the checkpoint can hold the exact position of the stream: a resumed run sees 
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator, Mapping
 
 import grain
@@ -74,11 +73,6 @@ def decode_example(example: Mapping[str, Any], side: int | None) -> tuple[np.nda
     if isinstance(caption, (bytes, np.bytes_)):
         caption = caption.decode("utf-8")
     return image, str(caption)
-
-
-def normalize_images(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> float32 normalised with the CLIP mean and std."""
-    return (images.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 class Pipeline:

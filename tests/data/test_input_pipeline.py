@@ -1,10 +1,10 @@
-"""Input pipeline: deterministic shuffling, per-host slices, resumable position, global batches."""
+"""Input pipeline: deterministic shuffling, per-slice batches of one global stream, resumable position, global batches."""
 import jax
 import numpy as np
 import pytest
 
 from unclip_jax import parallel
-from unclip_jax.data import pipeline as pipeline_lib
+from unclip_jax.data import input_pipeline
 from unclip_jax.data import shapes, tfds_builders
 
 
@@ -17,7 +17,7 @@ def first_batches(pipe, k):
 
 
 def make(source, seed=0, batch=8, process_index=0, process_count=1):
-    return pipeline_lib.make_pipeline(source, lambda e: e, local_batch_size=batch, shuffle_seed=seed,
+    return input_pipeline.make_pipeline(source, lambda e: e, local_batch_size=batch, shuffle_seed=seed,
                                       process_index=process_index, process_count=process_count,
                                       num_threads=2)
 
@@ -32,12 +32,15 @@ def test_same_seed_same_stream_and_new_order_each_epoch():
     assert epoch1 != epoch2  # in a new order.
 
 
-def test_processes_read_disjoint_slices_covering_the_data():
-    per_host = [sum(first_batches(make(index_source(), batch=4, process_index=i, process_count=4), 4), [])
-                for i in range(4)]
-    for i, seen in enumerate(per_host):
-        assert sorted(seen) == list(range(i, 64, 4))
-    assert sorted(sum(per_host, [])) == list(range(64))
+def test_data_slices_split_the_global_batches_of_one_stream():
+    """4 slices of 4 rows read, batch by batch, the rows of the 16-row global batches one
+    process would read: the examples a step sees do not depend on the number of processes."""
+    per_slice = [first_batches(make(index_source(), batch=4, process_index=i, process_count=4), 4)
+                 for i in range(4)]
+    one = first_batches(make(index_source(), batch=16), 4)
+    for step in range(4):
+        assert sum((per_slice[i][step] for i in range(4)), []) == one[step]
+    assert sorted(sum(sum(per_slice, []), [])) == list(range(64))  # One epoch, each example once.
 
 
 def test_restored_position_gives_the_same_next_batches():
@@ -70,19 +73,19 @@ def test_shapes_tfds_source_decodes_to_the_renderer_output(tmp_path):
     cfg = tfds_builders.ShapesConfig(name="pipe_test", side=32, num_train=16, num_validation=4,
                                      num_heldout=4, seed=3)
     source = tfds_builders.prepare(cfg, str(tmp_path)).as_data_source()["train"]
-    image, caption = pipeline_lib.decode_example(source[5], side=32)
+    image, caption = input_pipeline.decode_example(source[5], side=32)
     expected = shapes.example(3, "train", 5, 32)
     assert caption == expected["caption"]
     np.testing.assert_array_equal(image, expected["image"])
     # Resized on the way when the model wants another side.
-    assert pipeline_lib.decode_example(source[5], side=16)[0].shape == (16, 16, 3)
+    assert input_pipeline.decode_example(source[5], side=16)[0].shape == (16, 16, 3)
 
 
 def test_stream_positions_seed_per_example_randomness_reproducibly():
     def with_position(position, example):
         return {"index": example["index"], "position": np.int64(position)}
 
-    make_indexed = lambda: pipeline_lib.make_pipeline(  # noqa: E731
+    make_indexed = lambda: input_pipeline.make_pipeline(  # noqa: E731
         index_source(), with_position, local_batch_size=8, shuffle_seed=0, num_threads=2, with_index=True)
     pipe = make_indexed()
     positions = [next(pipe)["position"].tolist() for _ in range(10)]
