@@ -2,10 +2,10 @@
 
   python benchmarks/decoder.py [--steps 10] [--dtype float32]
 
-Fixed config (the size the PyTorch reference figures in the issue were measured at): 64 px,
+Fixed config (the size of the PyTorch reference figures in benchmarks/README.md): 64 px,
 base channels 64, channel multipliers (1, 2, 4), 2 residual blocks per level, attention (heads of
 64 channels) at 16 px, the middle block included (with three levels the resolutions are 64, 32 and
-16 px, so the issue's "16 and 8 px" can only mean 16 px), z_i of dim 256 added to the timestep
+16 px, so "attention at 16 and 8 px" can only mean 16 px), z_i of dim 256 added to the timestep
 embedding and projected into 4 context tokens, no text pathway, learned variance with the hybrid
 loss, batch 8, AdamW: the real `DecoderTask` train step (EMA, clipping included).
 Sampling: 4 images, 50 DDIM steps, classifier-free guidance 3.0 (conditional and unconditional
@@ -37,7 +37,7 @@ flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step)
 flags.DEFINE_integer("sample_repeats", 2, "Timed sampling calls (after one compiling call).")
 flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
 flags.DEFINE_bool("remat", False, "Rematerialise every block in the backward pass.")
-flags.DEFINE_integer("batch_size", 8, "Training batch (the issue's fixed config: 8; larger to fill a GPU).")
+flags.DEFINE_integer("batch_size", 8, "Training batch (the fixed config: 8; larger to fill a GPU).")
 flags.DEFINE_bool("conv_floor", True, "Also time the UNet's convolutions one by one (float32): the "
                   "step time and sampling time they alone would take, a bound for this backend.")
 flags.DEFINE_float("peak_tflops", 0.0, "The chip's peak TFLOP/s for the activation dtype, to report MFU "

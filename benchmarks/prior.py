@@ -2,7 +2,7 @@
 
   python benchmarks/prior.py [--steps 20]
 
-Fixed config (the size the PyTorch reference figures in the issue were measured at): width 256,
+Fixed config (the size of the PyTorch reference figures in benchmarks/README.md): width 256,
 depth 6, 8 heads of 64 (attention inner width 512), CLIP embedding 256, 77 text tokens of width
 256, batch 32, AdamW. Sampling: 8 captions, 64 strided DDPM steps, classifier-free guidance 3.0
 (conditional and unconditional halves in one batch) and best-of-2, so 32 rows per model call.

@@ -12,7 +12,7 @@ from importlib import metadata
 # XLA's CPU backend hands convolutions, dots and reductions to the YNNPACK library by default.
 # Its convolutions are the slow part here: with Eigen's instead (YNNPACK kept for dots and
 # reductions), the shapes decoder trains 46 instead of 30 images/s and the upsampler 51 instead
-# of 35 on the 2-core CPU; the transformers (no convolutions) keep their speed (README).
+# of 35 on the 2-core CPU; the transformers (no convolutions) keep their speed (benchmarks/README.md).
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_TYPES = "individual_dot,reduce"
 # jaxlib versions whose XLA knows the option (XLA aborts on an unknown flag in XLA_FLAGS).

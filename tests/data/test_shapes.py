@@ -1,4 +1,4 @@
-"""The captioned-shapes renderer and grammar follow the spec (shapes_dataset.md)."""
+"""The captioned-shapes renderer and grammar follow the spec (docs/shapes.md)."""
 import collections
 import dataclasses
 import hashlib

@@ -1,4 +1,4 @@
-"""The embedded data set: captioned shapes (spec: shapes_dataset.md, the project notes).
+"""The embedded data set: captioned shapes (spec: docs/shapes.md).
 
 Scenes of one or two flat shapes on a plain background, rendered anti-aliased at any side
 `S >= 16` (drawn at 4x the side, each 4x4 block averaged, rounded half up), with captions from a

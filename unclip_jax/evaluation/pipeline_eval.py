@@ -1,4 +1,4 @@
-"""The whole stack judged from pixels on shapes (issue 5's acceptance numbers).
+"""The whole stack judged from pixels on shapes (the scores train_stack.py prints).
 
     from unclip_jax.evaluation import pipeline_eval
     pipe = UnCLIPPipeline.from_config(configs.pipeline_shapes.get_config(), batch_size=64)

@@ -1,4 +1,4 @@
-"""The shapes judge: does an image show what its caption says? (spec: shapes_dataset.md)
+"""The shapes judge: does an image show what its caption says? (spec: docs/shapes.md)
 
 Reads only the pixels and is written from the spec, independently of the renderer
 (`unclip_jax.data.shapes` is used for the caption grammar only). For an image uint8 [S, S, 3]:
