@@ -8,6 +8,7 @@ import jax
 
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
+from unclip_jax.models import layers
 from unclip_jax.train import loop, state as state_lib
 
 
@@ -62,7 +63,7 @@ def time_train_step(task, config, mesh, batch, steps: int, next_batch=None) -> d
         state, m = compiled(state, batch, rng)
     jax.block_until_ready(m)
     elapsed = time.perf_counter() - t0
-    out = {"params": state_lib.count_params(abstract.params), "compile_seconds": round(compile_s, 2),
+    out = {"params": layers.count_params(abstract.params), "compile_seconds": round(compile_s, 2),
            "train_step_gflops_per_example": round(flops / batch_size / 1e9, 3),
            "examples_per_sec_step_only": round(steps * batch_size / elapsed, 1),
            # XLA's FLOP count of the step over its measured time (what MFU divides by the peak).

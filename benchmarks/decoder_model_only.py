@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from unclip_jax.models.unet import UNet, count_params  # noqa: E402
+from unclip_jax.models.layers import count_params  # noqa: E402
+from unclip_jax.models.unet import UNet  # noqa: E402
 
 
 def _parse():

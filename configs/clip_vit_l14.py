@@ -99,12 +99,10 @@ def clip_config() -> ml_collections.ConfigDict:
     return c
 
 
-def prior_config(tiny: bool) -> ml_collections.ConfigDict:
+def prior_config() -> ml_collections.ConfigDict:
     """The diffusion prior over ViT-L/14 embeddings (D=768, text hidden states 77 x 768)."""
-    c = shapes.prior_config(tiny)
+    c = shapes.prior_config()
     c.clip_workdir = CLIP_WORKDIR  # The imported CLIP (convert_clip.py) and its embedding cache.
-    if tiny:
-        return c
     c.data.num_threads = 8
     c.model.width = 1024  # Transformer width (paper: 2048 for the 1B prior).
     c.model.depth = 12  # Blocks (paper: 24).
@@ -123,17 +121,15 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     return c
 
 
-def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
+def decoder_config() -> ml_collections.ConfigDict:
     """The 64 px decoder conditioned on ViT-L/14 z_i (and the caption)."""
-    c = shapes.decoder_config(tiny)
+    c = shapes.decoder_config()
     c.clip_workdir = CLIP_WORKDIR  # The imported CLIP: its data set, tokenizer and embedding cache.
     # The shapes judge only understands shapes captions: no judged evaluation on real data.
     c.eval.splits = ()
-    if tiny:
-        return c
     c.data.num_threads = 16
     unet = shapes.unet_config(base=192, mult=(1, 2, 3, 4), res_blocks=3, attention=(32, 16, 8),
-                              image_size=64, tiny=False)  # Paper: base 512 (3.5B parameters).
+                              image_size=64)  # Paper: base 512 (3.5B parameters).
     for key, value in unet.items():
         c.model[key] = value
     c.model.head_channels = 64
@@ -154,6 +150,17 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     return c
 
 
+def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
+    """The `tiny` option (prior and decoder, for smoke tests): every section of configs/shapes.py's
+    tiny stage in place of this file's sizes; only `clip_workdir` (this file's CLIP) and the
+    decoder's evaluation splits (none: real captions) stay."""
+    small = shapes.get_config(f"{variant},tiny")
+    for section in ("data", "model", "diffusion", "train", "eval"):
+        c[section] = small[section]
+    if variant == "decoder":
+        c.eval.splits = ()
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _parse_arg(arg)
     tiny = "tiny" in options
@@ -163,6 +170,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              "come from the imported checkpoint)")
         config = clip_config()
     else:
-        config = {"prior": prior_config, "decoder": decoder_config}[variant](tiny)
+        config = {"prior": prior_config, "decoder": decoder_config}[variant]()
+        if tiny:
+            _tiny_overrides(config, variant)
     config.lock()
     return config

@@ -2,9 +2,9 @@
 
 Usage: `python train.py --config configs/shapes.py:clip --workdir runs/shapes_clip`
 Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`.
-Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs;
-`clip,fast` is the short stack that `train_stack.py` trains by default (~28 minutes on a 2-core CPU:
-fewer steps, a smaller upsampler, shapes rendered on the fly; see
+Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs
+(see `_tiny_overrides`); `clip,fast` is the short stack that `train_stack.py` trains by default
+(~28 minutes on a 2-core CPU: fewer steps, a smaller upsampler, shapes rendered on the fly; see
 `fast_config`).
 Any field can be overridden on the command line: `--config.train.num_steps=100`.
 """
@@ -92,15 +92,12 @@ def train_config(*, batch_size, num_steps, learning_rate, warmup_steps, weight_d
     return t
 
 
-def clip_config(tiny: bool) -> ml_collections.ConfigDict:
+def clip_config() -> ml_collections.ConfigDict:
     """CLIP: ViT image tower + causal text tower trained contrastively on 64 px shapes."""
     c = ml_collections.ConfigDict()
     c.stage = "clip"  # Which task trains (unclip_jax/tasks/<stage>.py).
     c.seed = 0  # Model init and training RNG seed.
-    c.data = data_config(side=32 if tiny else 64)
-    if tiny:
-        c.data.source = "procedural"
-        c.data.num_train, c.data.num_eval = 512, 64
+    c.data = data_config(side=64)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.dir = ""  # Tokenizer directory (HF CLIP format); "" trains a BPE on the shapes captions into <workdir>/tokenizer.
@@ -108,46 +105,43 @@ def clip_config(tiny: bool) -> ml_collections.ConfigDict:
     c.tokenizer.context_length = 20  # Text tokens (shapes captions need at most 16) per caption; longer captions are truncated with a warning.
 
     c.model = ml_collections.ConfigDict()
-    c.model.embed_dim = 32 if tiny else 128  # Shared image/text embedding width (z_i, z_t).
+    c.model.embed_dim = 128  # Shared image/text embedding width (z_i, z_t).
     c.model.image_size = c.data.side  # Input side in pixels.
-    c.model.patch_size = 8 if tiny else 16  # ViT patch side (16 px: 4x4 patches + class token at 64 px).
-    c.model.vision_width = 32 if tiny else 128  # ViT width.
-    c.model.vision_depth = 1 if tiny else 4  # ViT blocks.
-    c.model.vision_heads = 2 if tiny else 4  # ViT attention heads.
-    c.model.text_width = 32 if tiny else 128  # Text transformer width.
-    c.model.text_depth = 1 if tiny else 3  # Text transformer blocks.
-    c.model.text_heads = 2 if tiny else 4  # Text attention heads.
+    c.model.patch_size = 16  # ViT patch side (16 px: 4x4 patches + class token at 64 px).
+    c.model.vision_width = 128  # ViT width.
+    c.model.vision_depth = 4  # ViT blocks.
+    c.model.vision_heads = 4  # ViT attention heads.
+    c.model.text_width = 128  # Text transformer width.
+    c.model.text_depth = 3  # Text transformer blocks.
+    c.model.text_heads = 4  # Text attention heads.
     c.model.mlp_ratio = 4.0  # MLP hidden width / model width.
     c.model.activation = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu".
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
-    # Transformer projection operands ("" = dtype): bfloat16 with float32 accumulation, forward and
-    # backward, ~2.3x the float32 step on AMX CPUs; at 2,400 steps it evaluates as float32 (README).
-    c.model.matmul_dtype = "" if tiny else "bfloat16"  # (tiny: float32, the tests compare exactly)
+    # Transformer projection operand dtype ("" = dtype), forward and backward, with float32
+    # accumulation; bfloat16 because it is faster on AMX CPUs.
+    c.model.matmul_dtype = "bfloat16"
     c.model.scan_layers = False  # nn.scan over transformer blocks (faster compiles for deep stacks).
     c.model.remat_policy = "none"  # Rematerialisation: none | full | dots_saveable | nothing_saveable.
 
     c.train = train_config(
-        # 2,400 steps, not 800: retrieval is ~1.0 by 800 but z_i's position (what the decoder must
-        # draw) is not: a linear probe of z_i reads the position of 75% of single-object images
-        # after 800 steps, 98% after 2,400 (README).
-        batch_size=32 if tiny else 128, num_steps=20 if tiny else 2_400, learning_rate=1e-3,
-        warmup_steps=5 if tiny else 100, weight_decay=0.1, b2=0.98, eps=1e-6, ema_decay=0.999,
-        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 400)
+        # More steps than retrieval needs: z_i must also encode where things are (docs/results.md).
+        batch_size=128, num_steps=2_400, learning_rate=1e-3, warmup_steps=100, weight_decay=0.1,
+        b2=0.98, eps=1e-6, ema_decay=0.999, log_every=50, checkpoint_every=400)
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_examples = 64 if tiny else 1_000  # Images per split for retrieval evaluation.
-    c.eval.num_candidates = 8 if tiny else 32  # Captions each image chooses among (its own + distractors).
-    c.eval.batch_size = 64 if tiny else 250  # Evaluation batch.
+    c.eval.num_examples = 1_000  # Images per split for retrieval evaluation.
+    c.eval.num_candidates = 32  # Captions each image chooses among (its own + distractors).
+    c.eval.batch_size = 250  # Evaluation batch.
     c.eval.use_ema = True  # Evaluate the EMA params.
     c.eval.splits = ("validation", "heldout")  # Splits evaluated (missing splits are skipped).
     # Training images fitting the linear / 1-NN probes of z_i's attributes (position, shape, ...); 0: off.
-    c.eval.probe_train_examples = 512 if tiny else 6_000
+    c.eval.probe_train_examples = 6_000
 
     c.mesh = mesh_config()
     return c
 
 
-def prior_config(tiny: bool) -> ml_collections.ConfigDict:
+def prior_config() -> ml_collections.ConfigDict:
     """The diffusion prior: caption (CLIP text hidden states + z_t) -> CLIP image embedding z_i."""
     c = ml_collections.ConfigDict()
     c.stage = "prior"  # Which task trains (unclip_jax/tasks/<stage>.py).
@@ -159,18 +153,18 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     c.data.num_threads = 2  # Grain threads reading cache records.
 
     c.model = ml_collections.ConfigDict()
-    c.model.width = 32 if tiny else 128  # Transformer width.
-    c.model.depth = 1 if tiny else 4  # Transformer blocks.
-    c.model.num_heads = 2 if tiny else 4  # Attention heads.
+    c.model.width = 128  # Transformer width.
+    c.model.depth = 4  # Transformer blocks.
+    c.model.num_heads = 4  # Attention heads.
     c.model.head_dim = 0  # Per-head width (0: width // num_heads).
     c.model.mlp_ratio = 4.0  # MLP hidden width / width.
     c.model.activation = "gelu"  # MLP activation.
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
     c.model.scan_layers = True  # nn.scan over blocks (one compiled block, faster compiles).
-    c.model.remat_policy = "nothing_saveable"  # Per-block remat (measured fastest on CPU): none | full | dots_saveable | nothing_saveable.
-    # Projection operands in bfloat16, forward and backward, float32 accumulation ("" = dtype): ~2x
-    # faster training on AMX CPUs, same evaluation to 3 decimals as float32 (README).
-    c.model.matmul_dtype = "" if tiny else "bfloat16"  # (tiny: float32, the tests compare exactly)
+    c.model.remat_policy = "nothing_saveable"  # Per-block remat: none | full | dots_saveable | nothing_saveable (this one: fastest on CPU).
+    # Projection operand dtype ("" = dtype), forward and backward, with float32 accumulation;
+    # bfloat16 because it is faster on AMX CPUs.
+    c.model.matmul_dtype = "bfloat16"
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # Noise schedule (paper: cosine).
@@ -183,16 +177,15 @@ def prior_config(tiny: bool) -> ml_collections.ConfigDict:
     c.diffusion.best_of = 2  # Samples per caption; keep the highest dot product with z_t (paper: 2).
 
     c.train = train_config(
-        batch_size=32 if tiny else 128, num_steps=20 if tiny else 1_200, learning_rate=1e-3,
-        warmup_steps=5 if tiny else 200, weight_decay=6e-2, b2=0.96, eps=1e-6, ema_decay=0.999,
-        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
+        batch_size=128, num_steps=1_200, learning_rate=1e-3, warmup_steps=200, weight_decay=6e-2,
+        b2=0.96, eps=1e-6, ema_decay=0.999, log_every=50, checkpoint_every=500)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("validation", "heldout")  # Splits evaluated (missing ones are skipped).
-    c.eval.num_examples = 32 if tiny else 1_000  # Captions per split.
-    c.eval.num_candidates = 8 if tiny else 32  # Images the sampled z_i picks among (retrieval).
-    c.eval.num_train_neighbours = 256 if tiny else 50_000  # Training z_i searched for the nearest-neighbour baseline.
-    c.eval.batch_size = 32 if tiny else 500  # Captions sampled per batch.
+    c.eval.num_examples = 1_000  # Captions per split.
+    c.eval.num_candidates = 32  # Images the sampled z_i picks among (retrieval).
+    c.eval.num_train_neighbours = 50_000  # Training z_i searched for the nearest-neighbour baseline.
+    c.eval.batch_size = 500  # Captions sampled per batch.
     c.eval.seed = 0  # Sampling seed of the evaluation.
     c.eval.use_ema = True  # Evaluate the EMA params.
 
@@ -216,8 +209,8 @@ def diffusion_config(*, learned_variance: bool, sampler: str, sample_steps: int,
     return d
 
 
-def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple, image_size: int,
-                tiny: bool) -> ml_collections.ConfigDict:
+def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple,
+                image_size: int) -> ml_collections.ConfigDict:
     """The ADM UNet block (unclip_jax/models/unet.py field names)."""
     m = ml_collections.ConfigDict()
     m.image_size = image_size  # Training resolution in pixels (attention resolutions refer to it).
@@ -232,12 +225,10 @@ def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple, im
     m.remat = False  # Rematerialise each block in the backward pass.
     m.coord_channels = False  # Append pixel (x, y) to the input (CoordConv; not in the paper).
     m.num_timesteps = 1000  # Timestep embedding scale (1000-step model).
-    if tiny:
-        m.head_channels, m.num_groups = 8, 8
     return m
 
 
-def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
+def decoder_config() -> ml_collections.ConfigDict:
     """The decoder: CLIP image embedding z_i (+ caption) -> 32 px image, classifier-free guidance."""
     c = ml_collections.ConfigDict()
     c.stage = "decoder"  # Which task trains (unclip_jax/tasks/<stage>.py).
@@ -247,27 +238,24 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.shuffle_seed = 0  # Seed of the (per-epoch) shuffle of the training stream.
     c.data.num_threads = 4  # Grain threads decoding images.
-    # Sized to train at ~53 images/s on the 2-core CPU. 8,000 steps (README): single-object exact 0.91
-    # after 4,000, 0.985 after 8,000, two-object 0.21 -> 0.66 (a straight run of these defaults).
-    c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 2),
-                          res_blocks=1, attention=(8,), image_size=16 if tiny else 32, tiny=tiny)
+    # Sized for a 2-core CPU.
+    c.model = unet_config(base=32, mult=(1, 2, 2), res_blocks=1, attention=(8,), image_size=32)
     c.model.clip_tokens = 4  # Extra context tokens projected from z_i (paper: 4).
     c.model.clip_scale = 0.0  # Unit z_i times this before its projections; 0 = sqrt(D) (unit-variance entries).
-    # Not in the paper: z_i also as an 8 x 8 map at the bottleneck, and pixel (x, y) input channels.
-    # Without them the decoder did not learn where to draw within 1,600 CPU steps (README).
-    c.model.clip_spatial = 0 if tiny else 8  # Side of the z_i-projected bottleneck map; 0 = none.
-    c.model.coord_channels = not tiny  # Append pixel (x, y) to the input.
-    # Not in the paper either, and off: the caption's pooled embedding as a bottleneck map too (the
-    # shapes CLIP's z_i pins the position for ~80% of images only). Tried: it did not teach the
-    # caption pathway position within 2,000 fine-tuning steps (README).
+    # Not in the paper: z_i also as an 8 x 8 map at the bottleneck, and pixel (x, y) input channels,
+    # so that the decoder learns early where to draw (docs/results.md).
+    c.model.clip_spatial = 8  # Side of the z_i-projected bottleneck map; 0 = none.
+    c.model.coord_channels = True  # Append pixel (x, y) to the input.
+    # Not in the paper either, and off (a short trial did not help, README): the caption's pooled
+    # embedding as a bottleneck map too.
     c.model.text_spatial = 0  # Side of the caption-projected bottleneck map; 0 = none.
-    c.model.text_width = 32 if tiny else 64  # The decoder's own caption transformer (GLIDE's pathway).
-    c.model.text_depth = 1 if tiny else 2  # Its blocks (0 disables the text pathway).
+    c.model.text_width = 64  # The decoder's own caption transformer (GLIDE's pathway).
+    c.model.text_depth = 2  # Its blocks (0 disables the text pathway).
     c.model.text_heads = 2  # Its heads.
-    c.diffusion = diffusion_config(learned_variance=True, sampler="ddim", sample_steps=8 if tiny else 50,
+    c.diffusion = diffusion_config(learned_variance=True, sampler="ddim", sample_steps=50,
                                    guidance_scale=1.5)
-    # v-prediction, plain MSE on v (weight 1 + SNR on the x0 error): Min-SNR-5 weights the x0 error by
-    # min(SNR, 5), next to nothing at the high noise levels where the layout is decided.
+    # v-prediction with plain MSE on v: Min-SNR-5 would all but ignore the high noise levels where
+    # the layout is decided.
     c.diffusion.param, c.diffusion.min_snr_gamma = "v", 0.0
     c.diffusion.z_i_drop_prob = 0.1  # z_i replaced by its learned null (paper §2.1: 10%; §5.1 says 5%).
     c.diffusion.text_drop_prob = 0.5  # Caption dropped (paper: 50%).
@@ -275,52 +263,92 @@ def decoder_config(tiny: bool) -> ml_collections.ConfigDict:
     # the caption: guides along z_i alone).
     c.diffusion.guidance_drops = "all"
     c.train = train_config(
-        batch_size=16 if tiny else 32, num_steps=10 if tiny else 8_000, learning_rate=1e-3,
-        warmup_steps=2 if tiny else 100, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,
-        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 200)
+        batch_size=32, num_steps=8_000, learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
+        b2=0.999, eps=1e-8, ema_decay=0.999, log_every=50, checkpoint_every=200)
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("validation",)  # Splits whose true z_i are decoded and judged.
-    c.eval.num_examples = 16 if tiny else 200  # Images per split.
-    c.eval.batch_size = 16 if tiny else 100  # Decoding batch.
+    c.eval.num_examples = 200  # Images per split.
+    c.eval.batch_size = 100  # Decoding batch.
     c.eval.seed = 0  # Sampling seed.
     c.eval.use_ema = True  # Evaluate the EMA params.
     c.mesh = mesh_config()
     return c
 
 
-def upsampler_config(tiny: bool) -> ml_collections.ConfigDict:
+def upsampler_config() -> ml_collections.ConfigDict:
     """The first upsampler on shapes: 32 -> 128 px, conv-only, blurred low-res conditioning."""
     c = ml_collections.ConfigDict()
     c.stage = "upsampler"  # Which task trains (unclip_jax/tasks/<stage>.py).
     c.seed = 0  # Model init and training RNG seed.
-    c.data = data_config(side=64 if tiny else 128)  # Tiny: 16 -> 64 (the judge needs >= 16 px).
+    c.data = data_config(side=128)
     c.data.scale = 4  # Upsampling factor.
-    c.data.crop_size = 16 if tiny else 32  # Training crops of the high-res image (paper: a quarter of the side).
+    c.data.crop_size = 32  # Training crops of the high-res image (paper: a quarter of the side).
     c.data.corruption = "blur"  # Low-res corruption: blur (64->256) | bsr (256->1024) | none.
     c.data.crop_seed = 0  # Seed of the per-example crops and corruptions.
-    if tiny:
-        c.data.source = "procedural"
-        c.data.num_train, c.data.num_eval = 256, 4
-    c.model = unet_config(base=16 if tiny else 32, mult=(1, 2) if tiny else (1, 2, 4),
-                          res_blocks=1 if tiny else 2, attention=(), image_size=c.data.crop_size, tiny=tiny)
-    c.diffusion = diffusion_config(learned_variance=False, sampler="ddim", sample_steps=5 if tiny else 27,
+    c.model = unet_config(base=32, mult=(1, 2, 4), res_blocks=2, attention=(),
+                          image_size=c.data.crop_size)
+    c.diffusion = diffusion_config(learned_variance=False, sampler="ddim", sample_steps=27,
                                    guidance_scale=1.0)
-    # Diffuse the high-res image minus the resized input (SRDiff; not the paper's choice), predicting v:
-    # the paper's image target with epsilon left tinted backgrounds after short runs (README).
+    # Diffuse the high-res image minus the resized input (SRDiff; not the paper's choice), predicting
+    # v: short runs of the paper's target (the image, with epsilon) left tinted backgrounds (docs/results.md).
     c.diffusion.residual = True
     c.diffusion.param = "v"
     c.train = train_config(
-        batch_size=16 if tiny else 64, num_steps=10 if tiny else 3_000, learning_rate=3e-4,
-        warmup_steps=2 if tiny else 200, weight_decay=0.0, b2=0.999, eps=1e-8, ema_decay=0.999,
-        log_every=5 if tiny else 50, checkpoint_every=10 if tiny else 500)
+        batch_size=64, num_steps=3_000, learning_rate=3e-4, warmup_steps=200, weight_decay=0.0,
+        b2=0.999, eps=1e-8, ema_decay=0.999, log_every=50, checkpoint_every=500)
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("validation",)  # Splits upsampled at full size and judged.
-    c.eval.num_examples = 4 if tiny else 100  # Images per split.
-    c.eval.batch_size = 8 if tiny else 50  # Upsampling batch.
+    c.eval.num_examples = 100  # Images per split.
+    c.eval.batch_size = 50  # Upsampling batch.
     c.eval.seed = 0  # Sampling seed.
     c.eval.use_ema = True  # Evaluate the EMA params.
     c.mesh = mesh_config()
     return c
+
+
+def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
+    """The `tiny` option: every stage shrunk for tests and smoke runs.
+
+    Images are rendered on the fly; projections stay float32 (matmul_dtype "") because the tests
+    compare tiny models exactly.
+    """
+    c.train.batch_size, c.train.num_steps, c.train.warmup_steps = {
+        "clip": (32, 20, 5), "prior": (32, 20, 5), "decoder": (16, 10, 2), "upsampler": (16, 10, 2),
+    }[variant]
+    c.train.log_every, c.train.checkpoint_every = 5, 10
+    if variant == "clip":
+        c.data.side, c.data.tfds_name = 32, "shapes/32px"
+        c.data.source = "procedural"
+        c.data.num_train, c.data.num_eval = 512, 64
+        c.model.embed_dim, c.model.image_size, c.model.patch_size = 32, c.data.side, 8
+        c.model.vision_width, c.model.vision_depth, c.model.vision_heads = 32, 1, 2
+        c.model.text_width, c.model.text_depth, c.model.text_heads = 32, 1, 2
+        c.model.matmul_dtype = ""
+        c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 64, 8, 64
+        c.eval.probe_train_examples = 512
+    elif variant == "prior":
+        c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
+        c.model.matmul_dtype = ""
+        c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 32, 8, 32
+        c.eval.num_train_neighbours = 256
+    elif variant == "decoder":
+        c.model.base_channels, c.model.channel_mult, c.model.image_size = 16, (1, 2), 16
+        c.model.head_channels, c.model.num_groups = 8, 8
+        c.model.clip_spatial, c.model.coord_channels = 0, False
+        c.model.text_width, c.model.text_depth = 32, 1
+        c.diffusion.sample_steps = 8
+        c.eval.num_examples, c.eval.batch_size = 16, 16
+    elif variant == "upsampler":
+        # 16 -> 64 px: the judge needs at least 16 px.
+        c.data.side, c.data.tfds_name = 64, "shapes/64px"
+        c.data.crop_size = 16
+        c.data.source = "procedural"
+        c.data.num_train, c.data.num_eval = 256, 4
+        c.model.base_channels, c.model.channel_mult, c.model.num_res_blocks = 16, (1, 2), 1
+        c.model.image_size = c.data.crop_size
+        c.model.head_channels, c.model.num_groups = 8, 8
+        c.diffusion.sample_steps = 5
+        c.eval.num_examples, c.eval.batch_size = 4, 8
 
 
 def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
@@ -347,8 +375,7 @@ def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
         c.model.base_channels, c.model.channel_mult, c.model.num_res_blocks = 32, (1, 2), 1
         c.train.batch_size, c.train.num_steps, c.train.warmup_steps = 32, 400, 50
         c.train.learning_rate = 1e-3  # the default's 3e-4 is for its 3,000 steps
-        # (paper: DDIM 27 and 15) 5 steps: same judge on 32 validation images, PSNR 25.6 instead of
-        # 27.1 dB at 15, a third of the time (README)
+        # DDIM steps (paper: 27 and 15): fewer for speed, at a small cost in PSNR (docs/results.md).
         c.diffusion.sample_steps = 5
         c.eval.num_examples = 32
 
@@ -357,7 +384,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _parse_arg(arg)
     builders = {"clip": clip_config, "prior": prior_config, "decoder": decoder_config,
                 "upsampler": upsampler_config}
-    config = builders[variant]("tiny" in options)
+    config = builders[variant]()
+    if "tiny" in options:
+        _tiny_overrides(config, variant)
     if "fast" in options:
         fast_config(variant, config)
     config.lock()

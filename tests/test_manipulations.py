@@ -43,6 +43,7 @@ def zero_output_pipe(pipe):
     return other
 
 
+@pytest.mark.slow
 def test_encode_gives_z_i_and_x_T(pipe, images, encoded):
     assert encoded.z_i.shape == (2, 32) and encoded.x_T.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(np.linalg.norm(encoded.z_i, axis=-1), 1.0, rtol=1e-5)

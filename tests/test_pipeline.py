@@ -51,6 +51,7 @@ def test_same_seed_same_images_other_seed_other_images(pipe, samples):
     assert not np.array_equal(other.images, samples.images)
 
 
+@pytest.mark.slow
 def test_a_sample_depends_on_seed_prompt_and_index_only(pipe, samples):
     """Rows (prompt 1, sample 2) and (prompt 0, sample 1) among other rows, in batches of 16 rows
     instead of 8, give the same images as before."""

@@ -46,6 +46,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_text_mode_writes_pngs_grids_and_jsonl(workdirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"\n{LONG}\n\n")
@@ -137,6 +138,7 @@ def test_empty_prompt_file_is_an_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_missing_or_wrong_stage_is_named(workdirs, tmp_path):
     missing = str(tmp_path / "no_upsampler")
     proc = run_cli(*stage_flags(workdirs, upsampler=missing), "--prompt", CAPTION,

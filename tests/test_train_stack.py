@@ -9,6 +9,7 @@ from PIL import Image
 import train_stack
 
 
+@pytest.mark.slow
 def test_tiny_stack_trains_every_stage_once_then_judges_samples(tmp_path):
     root = str(tmp_path / "runs")
     timings = {}

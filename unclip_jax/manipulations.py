@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from unclip_jax import pipeline as pipeline_lib
-from unclip_jax.diffusion import gaussian
+from unclip_jax.diffusion import pixels, samplers
 from unclip_jax.pipeline import DecoderSettings, UnCLIPPipeline, check_images, row_keys, slerp
 
 INPAINT_STREAM = 7  # Stream id of inpainting's decoder noise (see pipeline.row_keys).
@@ -243,20 +243,12 @@ def _repaint_body(task, *, guidance_scale: float, steps, num_resample: int, use_
 
         def step(k, x):
             i = n - 1 - k
-            t = jnp.full((x.shape[0],), schedule.timesteps[i], jnp.int32)
 
             def attempt(u, x):
-                out = model_fn(x, t).astype(jnp.float32)
-                v = None
-                if learned:
-                    out, v = gaussian.split_learned_variance(out)
-                x0, _ = gaussian.predict_x0_eps(diff.param, schedule, x, i, out, 1.0)
-                mean, _, log_var = gaussian.q_posterior_mean_variance(schedule, x0, x, i)
-                if learned:
-                    log_var = gaussian.learned_log_variance(schedule, v, i)
                 key = jax.random.fold_in(jax.random.fold_in(rng, i), u)
                 z1, z2, z3 = (jax.random.normal(k_, x.shape, jnp.float32) for k_ in jax.random.split(key, 3))
-                gen = mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * z1
+                gen = samplers.ddpm_step(model_fn, schedule, x, i, z1, param=diff.param,
+                                         learned_variance=learned, clip_x0=1.0)
                 kept = sqrt_abar_prev[i] * known + sqrt_1m_abar_prev[i] * z2
                 x_prev = mask * gen + (1.0 - mask) * kept
                 # Between tries, go back up one step: x_i ~ q(x_i | x_{i-1}).
@@ -314,7 +306,7 @@ def inpaint(pipe: UnCLIPPipeline, images, masks, captions: Sequence[str], *, num
     def build():
         body = _repaint_body(task, guidance_scale=float(dec["guidance_scale"]), steps=dec["steps"],
                              num_resample=int(num_resample), use_text=True)
-        return lambda params, rng, known, m, z, tok: pipeline_lib.to_uint8(
+        return lambda params, rng, known, m, z, tok: pixels.to_uint8(
             body(params, rng, known.astype(jnp.float32) / 127.5 - 1.0, m, z, tok))
 
     base = pipe.map_rows(pipe.program(key, pipe.decoder, build), pipe.decoder.params, keys,

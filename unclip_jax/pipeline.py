@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unclip_jax import parallel, paths
 from unclip_jax.data import images as image_lib
+from unclip_jax.diffusion import pixels
 from unclip_jax.tasks import clip as clip_task
 from unclip_jax.tasks import decoder as decoder_task
 from unclip_jax.tasks import prior as prior_task
@@ -193,11 +194,6 @@ class Samples:
     captions: list[str]
     prompt_index: np.ndarray
     sample_index: np.ndarray
-
-
-def to_uint8(x: jax.Array) -> jax.Array:
-    """float [-1, 1] -> uint8 (rounded, clipped), on device."""
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def _stage_error(stage: str, workdir: str, message: str) -> StageError:
@@ -445,7 +441,7 @@ class UnCLIPPipeline:
         def build():
             body = task.sample_body(guidance_scale=float(s["guidance_scale"]), sampler=s["sampler"],
                                     steps=s["steps"], eta=s["eta"], drop_text=not use_text)
-            return lambda params, rng, z, tok, *x: to_uint8(body(params, z, tok, rng, *x))
+            return lambda params, rng, z, tok, *x: pixels.to_uint8(body(params, z, tok, rng, *x))
 
         inputs = [np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)]
         if x_T is not None:
@@ -489,7 +485,7 @@ class UnCLIPPipeline:
 
             def build(up=up, s=s):
                 body = up.task.sample_body(sampler=s["sampler"], steps=s["steps"], eta=s["eta"])
-                return lambda params, rng, low: to_uint8(body(params, low, rng))
+                return lambda params, rng, low: pixels.to_uint8(body(params, low, rng))
 
             images = self.map_rows(self.program(key, up, build), up.params, keys, [images])
         return images

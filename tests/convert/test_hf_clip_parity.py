@@ -56,6 +56,7 @@ def _random_clip(hf_dir, *, seed, resize, **config_kwargs):
     ("quick_gelu", 35, 7, 37, True),  # OpenAI style; legacy eos_token_id=2 (argmax pooling)
     ("gelu", 30, 6, 30, False),  # LAION ViT-H style; eos_token_id pooling
 ])
+@pytest.mark.slow
 def test_embeddings_and_logits_match_transformers(tmp_path, activation, image_size, patch_size,
                                                   resize, legacy_eos):
     hf_dir = str(tmp_path / "hf")

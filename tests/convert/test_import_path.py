@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 from flax import linen as nn
+import pytest
 
 from configs import clip_vit_l14
 from tests import helpers
@@ -55,6 +56,7 @@ def _tiny(variant, clip_workdir, cache_dir):
     return config
 
 
+@pytest.mark.slow
 def test_import_cache_train_and_sample_on_shards(tmp_path, caplog):
     hf_dir = str(tmp_path / "hf")
     hf_fixtures.write_hf_clip(hf_dir, image_size=32, patch_size=8, resize=36)

@@ -97,6 +97,25 @@ def test_ddim_eta_one_is_ddpm_with_fixed_small_variance():
     numerics.assert_close(ddim, ddpm, ulps=1024)
 
 
+def test_ddpm_sample_is_a_loop_of_ddpm_steps():
+    """`ddpm_step` (also RePaint's step) is ddpm_sample's step: step i's noise is fold_in(rng, i),
+    and the last step (i = 0) adds none: the posterior mean."""
+    # x0-prediction: no eps -> x0 step amplifying the two programs' different round-off.
+    model_fn = denoiser(MU, STD, "x0", learned_variance=True, schedule=FULL.respace(5))
+    schedule, rng = FULL.respace(5), jax.random.key(3)
+    kwargs = dict(param="x0", learned_variance=True, clip_x0=None)
+    x_T = jax.random.normal(jax.random.key(4), (8, 3))
+    x = x_T
+    for i in reversed(range(schedule.num_steps)):
+        noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+        x = samplers.ddpm_step(model_fn, schedule, x, i, noise, **kwargs)
+    expected = samplers.ddpm_sample(model_fn, schedule, None, rng, x_T=x_T, **kwargs)
+    numerics.assert_close(x, expected, ulps=64)
+    last = [samplers.ddpm_step(model_fn, schedule, x_T, 0, noise, **kwargs)
+            for noise in (jnp.zeros_like(x_T), jnp.full_like(x_T, 1e3))]
+    np.testing.assert_array_equal(last[0], last[1])
+
+
 def test_ddpm_with_optimal_learned_variance_is_unbiased():
     """With the optimal variance of every step DDPM loses its fixed-small bias (<1% here)."""
     x = _run("ddpm", "eps", learned_variance=True)

@@ -34,6 +34,7 @@ def fp32_model_and_vars():
     return model, model.init(jax.random.key(0), *_inputs())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_outputs_are_normalised_fp32_with_fp32_params(dtype):
     model = CLIP(**TINY, dtype=dtype, param_dtype=jnp.float32)
@@ -95,24 +96,19 @@ def _projected(variables, hidden, positions):
     return hidden[jnp.arange(hidden.shape[0]), positions] @ kernel
 
 
-def test_eot_pooling_argmax_picks_the_largest_id(fp32_model_and_vars):
-    model, variables = fp32_model_and_vars
-    tokens = jnp.array([[48, 3, 4, 49, 49, 49, 49, 49],      # EOT (max id 49) at 3, then padding
-                        [48, 3, 4, 5, 6, 7, 8, 49]], jnp.int32)
-    z_t, hidden = model.apply(variables, tokens, return_hidden=True, normalize=False,
-                              method=CLIP.encode_text)
-    np.testing.assert_allclose(z_t, _projected(variables, hidden, jnp.array([3, 7])),
-                               rtol=1e-5, atol=1e-5)
-
-
-def test_eot_pooling_eot_id_picks_the_first_eot(fp32_model_and_vars):
+@pytest.mark.parametrize("pooling, tokens, eot_positions", [
+    pytest.param({}, [[48, 3, 4, 49, 49, 49, 49, 49],  # EOT (max id 49) at 3, then padding
+                      [48, 3, 4, 5, 6, 7, 8, 49]], [3, 7], id="argmax_picks_the_largest_id"),
+    pytest.param({"eot_pooling": "eot_id", "eot_token_id": 2},  # EOT is not the largest id
+                 [[1, 40, 41, 2, 2, 2, 2, 2],
+                  [1, 45, 2, 30, 31, 2, 0, 0]], [3, 2], id="eot_id_picks_the_first_eot"),
+])
+def test_eot_pooling(fp32_model_and_vars, pooling, tokens, eot_positions):
     _, variables = fp32_model_and_vars
-    model = CLIP(**TINY, eot_pooling="eot_id", eot_token_id=2)  # EOT is not the largest id
-    tokens = jnp.array([[1, 40, 41, 2, 2, 2, 2, 2],
-                        [1, 45, 2, 30, 31, 2, 0, 0]], jnp.int32)
-    z_t, hidden = model.apply(variables, tokens, return_hidden=True, normalize=False,
-                              method=CLIP.encode_text)
-    np.testing.assert_allclose(z_t, _projected(variables, hidden, jnp.array([3, 2])),
+    model = CLIP(**TINY, **pooling)
+    z_t, hidden = model.apply(variables, jnp.array(tokens, jnp.int32), return_hidden=True,
+                              normalize=False, method=CLIP.encode_text)
+    np.testing.assert_allclose(z_t, _projected(variables, hidden, jnp.array(eot_positions)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -192,6 +188,7 @@ def test_logit_scale_initialised_to_log_inverse_temperature(fp32_model_and_vars)
     np.testing.assert_allclose(value, math.log(1 / 0.07), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_matmul_operands_stay_close_to_float32(fp32_model_and_vars):
     model, variables = fp32_model_and_vars
     images, tokens = _inputs()

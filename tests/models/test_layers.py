@@ -74,6 +74,20 @@ def test_mlp_shapes_and_names():
     assert mlp.apply(variables, _x()).shape == (BATCH, LENGTH, WIDTH)
 
 
+def test_count_params_of_boxed_unboxed_and_abstract_trees():
+    mlp = layers.Mlp(hidden_dim=4 * WIDTH)
+    expected = 2 * WIDTH * 4 * WIDTH + 4 * WIDTH + WIDTH  # two kernels, two biases
+    boxed = mlp.init(jax.random.key(0), _x())
+    abstract = jax.eval_shape(mlp.init, jax.random.key(0), _x())
+    assert layers.count_params(boxed) == layers.count_params(nn.meta.unbox(boxed)) == expected
+    assert layers.count_params(abstract) == expected
+
+
+def test_as_dtype_converts_names_and_keeps_dtypes():
+    assert layers.as_dtype("bfloat16") == jnp.bfloat16
+    assert layers.as_dtype(jnp.float32) is jnp.float32
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------

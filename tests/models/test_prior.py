@@ -8,6 +8,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from tests import numerics
+from tests.models.param_checks import assert_every_param_named
 from unclip_jax import parallel
 from unclip_jax.models import layers
 from unclip_jax.models.prior import DiffusionPrior, prior_from_config, timestep_embedding
@@ -170,12 +171,7 @@ def test_remat_gives_the_same_gradients(model_and_vars):
 def test_every_param_has_logical_names():
     model = DiffusionPrior(**TINY)
     abstract = jax.eval_shape(model.init, jax.random.key(0), *_inputs())
-    boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert all(isinstance(b, nn.Partitioned) for b in boxes), "an unnamed param"
-    specs = nn.get_partition_spec(abstract)["params"]
-    for path, spec in jax.tree_util.tree_leaves_with_path(specs):
-        assert any(name is not None for name in spec) or path[-1].key == "bias", (
-            jax.tree_util.keystr(path))
+    specs = assert_every_param_named(abstract, unnamed_ok=("bias",))
     assert specs["text_proj"]["kernel"] == P(None, "embed")
     assert specs["out_proj"]["kernel"] == P("embed", None)
     assert specs["null_z_t"] == P("embed")

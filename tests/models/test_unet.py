@@ -14,9 +14,11 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from tests import numerics
+from tests.models.param_checks import assert_every_param_named
 from unclip_jax import parallel
-from unclip_jax.models.unet import (GroupNorm, UNet, coordinate_channels, count_params,
-                                   downsample_avg, norm_groups, unet_from_config, upsample_nearest)
+from unclip_jax.models.layers import count_params
+from unclip_jax.models.unet import (GroupNorm, UNet, coordinate_channels, downsample_avg, norm_groups,
+                                   unet_from_config, upsample_nearest)
 
 B, D, VOCAB, L = 4, 8, 50, 6
 DECODER = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
@@ -158,6 +160,7 @@ def test_bf16_activations_with_fp32_params_stay_close(decoder):
     numerics.assert_close(out, reference, ulps=8, dtype=jnp.bfloat16)
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(decoder):
     _, params, _ = decoder
     x_t, t, cond = _decoder_inputs()
@@ -191,12 +194,7 @@ def test_every_param_has_logical_names():
     model = UNet(**DECODER)
     x_t, t, cond = _decoder_inputs()
     abstract = jax.eval_shape(model.init, jax.random.key(0), x_t, t, **cond)
-    boxes = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    assert all(isinstance(b, nn.Partitioned) for b in boxes), "an unnamed param"
-    specs = nn.get_partition_spec(abstract)["params"]
-    for path, spec in jax.tree_util.tree_leaves_with_path(specs):
-        assert any(name is not None for name in spec) or path[-1].key == "null_z_i", (
-            jax.tree_util.keystr(path))
+    specs = assert_every_param_named(abstract, unnamed_ok=("null_z_i",))
     assert specs["input_conv"]["kernel"] == P(None, None, "conv_in", "conv_out")
     assert specs["down_0_res_0"]["emb_proj"]["kernel"] == P(None, "conv_out")
     assert specs["down_0_res_0"]["in_norm"]["scale"] == P("norm")
@@ -214,6 +212,7 @@ def test_every_param_has_logical_names():
     assert "up_0_attn_0" not in p and "middle_attn" in p  # attention only at 16 px (level 1)
 
 
+@pytest.mark.slow
 def test_sharded_init_and_forward_match_unsharded(decoder):
     model, params, apply = decoder
     x_t, t, cond = _decoder_inputs()
@@ -292,6 +291,7 @@ def test_clip_spatial_map_conditions_through_the_bottleneck():
     np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_text_spatial_map_conditions_through_the_bottleneck():
     """`text_spatial`: the caption's pooled embedding term also becomes an s x s bottleneck map
     (randomly initialised, so that the caption encoder gets a gradient through it)."""

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests import helpers
 from unclip_jax import flops
@@ -34,6 +35,7 @@ def test_peak_table_by_device_kind():
     assert flops.peak_tflops(jax.devices()[0]) is None  # CPUs: no MFU
 
 
+@pytest.mark.slow
 def test_training_logs_model_tflops_per_device(tmp_path):
     config = helpers.tiny_config("clip", num_steps=2)
     with config.unlocked():

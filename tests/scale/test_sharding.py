@@ -93,6 +93,7 @@ def test_tiny_stage_state_shardings_on_8_devices(variant, mesh_shape):
     _check_state(abstract, mesh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", STAGES)
 def test_tiny_stage_initialises_and_steps_on_fsdp_and_tensor(variant):
     config, task, mesh, rules, tx = _setup(variant, (1, 4, 2))

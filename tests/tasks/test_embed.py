@@ -18,6 +18,7 @@ def workdir(tmp_path_factory):
     return tiny_clip.trained_tiny_clip(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
     cache_dir = str(tmp_path / "cache")
     summaries = embed.build_clip_cache(workdir, cache_dir, splits=("train", "validation"),

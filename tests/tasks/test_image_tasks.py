@@ -21,11 +21,13 @@ def clip_with_cache(tmp_path_factory):
 config_for = helpers.tiny_config
 
 
+@pytest.mark.slow
 def test_decoder_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
     helpers.assert_same_losses_on_1_and_8_devices(lambda: config_for("decoder", clip_with_cache), tmp_path,
                                                   steps=2)
 
 
+@pytest.mark.slow
 def test_decoder_evaluation_judges_decoded_images_and_writes_a_grid(clip_with_cache, tmp_path):
     config = config_for("decoder", clip_with_cache, num_steps=2)
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
@@ -49,6 +51,7 @@ def _task_with_random_params(config, tmp_path):
     return task, params, batch, x, t
 
 
+@pytest.mark.slow
 def test_decoder_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
     config = config_for("decoder", clip_with_cache)
     task, params, batch, x, t = _task_with_random_params(config, tmp_path)
@@ -82,6 +85,7 @@ def test_decoder_guidance_drops_what_the_config_says(clip_with_cache, tmp_path, 
         task.guided_model_fn(params, batch["z_i"], batch["tokens"], 3.0)
 
 
+@pytest.mark.slow
 def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
     """`text_depth=0` (the benchmark's decoder): no caption inputs reach the UNet; z_i still does."""
     config = config_for("decoder")
@@ -102,6 +106,7 @@ def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
     assert images.shape == (b, s, s, 3) and bool(jnp.all(jnp.abs(images) <= 1))
 
 
+@pytest.mark.slow
 def test_upsampler_trains_on_crops_and_upsamples_full_images(tmp_path):
     config = config_for("upsampler", num_steps=3)
     result = loop.train_and_evaluate(config, str(tmp_path / "up"))
@@ -116,7 +121,7 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     sampling, so a model that predicts x0 = 0 (a fresh one: zero-initialised output) upsamples to
     exactly that resize, and a high-res image equal to it has a zero target."""
     from unclip_jax.models import unet as unet_lib
-    from unclip_jax.tasks import image_diffusion as diff_lib
+    from unclip_jax.diffusion import pixels
     from unclip_jax.tasks import upsampler as upsampler_task
 
     config = config_for("upsampler")
@@ -126,7 +131,7 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     params = parallel.unbox(task.init_params(jax.random.key(0)))
     low = jax.random.randint(jax.random.key(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
     out = task.sample_body()(params, low, jax.random.key(2))
-    cond = diff_lib.to_model_range(low)
+    cond = pixels.to_model_range(low)
     resized = jnp.clip(unet_lib.resize_low_res(cond, 8 * task.scale, 8 * task.scale,
                                                task.model.low_res_resize), -1, 1)
     np.testing.assert_allclose(out, resized, atol=1e-5)

@@ -24,10 +24,12 @@ def prior_config(clip_with_cache, **train):
     return helpers.tiny_config("prior", clip_with_cache, **train)
 
 
+@pytest.mark.slow
 def test_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
     helpers.assert_same_losses_on_1_and_8_devices(lambda: prior_config(clip_with_cache), tmp_path, steps=3)
 
 
+@pytest.mark.slow
 def test_prior_with_bfloat16_matmuls_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
     def config():
         c = prior_config(clip_with_cache)
@@ -38,6 +40,7 @@ def test_prior_with_bfloat16_matmuls_trains_on_8_devices_like_on_1(clip_with_cac
     helpers.assert_same_losses_on_1_and_8_devices(config, tmp_path, steps=3, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_evaluation_reports_prior_and_both_baselines(clip_with_cache, tmp_path):
     config = prior_config(clip_with_cache, num_steps=2)
     result = loop.train_and_evaluate(config, str(tmp_path / "run"))
@@ -54,6 +57,7 @@ def test_best_of_k_keeps_the_candidate_closest_to_z_t():
     np.testing.assert_allclose(prior_task.best_of_k(z_i, z_t), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
     config = prior_config(clip_with_cache)
     task = prior_task.PriorTask(config, str(tmp_path))

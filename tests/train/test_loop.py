@@ -20,10 +20,12 @@ from unclip_jax.train import checkpointing, loop
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_sharded_matches_single_device(tmp_path):
     helpers.assert_same_losses_on_1_and_8_devices(tiny_config, tmp_path, steps=3)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_losses(tmp_path):
     config = tiny_config(num_steps=6, checkpoint_every=3)
     loop.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -62,6 +64,7 @@ class SigtermAt(clip_task.ClipTask):
         return Wrapped()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
     config = tiny_config(num_steps=6, checkpoint_every=100)
     loop.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -84,6 +87,7 @@ class NaNAfter(clip_task.ClipTask):
         return loss + jnp.where(step >= self.nan_from, jnp.nan, 0.0), metrics
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=10, checkpoint_every=2)
     workdir = str(tmp_path / "run")

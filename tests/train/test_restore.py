@@ -119,6 +119,7 @@ def test_merge_params_refuses_shape_changes_and_dropped_weights():
                              what="src")
 
 
+@pytest.mark.slow
 def test_init_from_seeds_a_new_run_with_the_source_params(workdir, tmp_path):
     from unclip_jax.train import loop
 

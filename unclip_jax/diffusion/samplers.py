@@ -86,13 +86,28 @@ def _initial_noise(shape, rng, x_T):
     return jax.random.normal(key, tuple(shape), jnp.float32), rng
 
 
+def ddpm_step(model_fn: ModelFn, schedule: Schedule, x: Array, i, noise: Array, *, param: str,
+              learned_variance: bool = False, clip_x0: float | None = 1.0) -> Array:
+    """One ancestral step from x_i [B, ...] at step i (scalar): x_{i-1} = mu(x_i, x0_hat) + sigma_i
+    noise, float32, with `noise` standard normal [B, ...] (unused at i = 0, where sigma is 0).
+
+    mu is the mean of the posterior q(x_{i-1} | x_i, x0_hat); sigma_i^2 its variance beta~_i
+    ("fixed small"), or the model's learned variance when `learned_variance`.
+    """
+    x0, _, v_var = _denoise(model_fn, schedule, x, i, param=param,
+                            learned_variance=learned_variance, clip_x0=clip_x0)
+    mean, _, log_var = gaussian.q_posterior_mean_variance(schedule, x0, x, i)
+    if learned_variance:
+        log_var = gaussian.learned_log_variance(schedule, v_var, i)
+    return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+
+
 def ddpm_sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int], rng: Array, *,
                 param: str, learned_variance: bool = False, clip_x0: float | None = 1.0,
                 x_T: Array | None = None) -> Array:
     """Ancestral sampling x_{i-1} ~ N(mu(x_i, x0_hat), sigma_i^2); returns x_0 [*shape] float32.
 
-    The variance is the posterior variance beta~_i ("fixed small"), or the model's learned variance
-    when `learned_variance`. No noise is added at the last step (i = 0).
+    Each step is `ddpm_step`. No noise is added at the last step (i = 0).
     """
     gaussian.check_param(param)
     if rng is None:
@@ -102,13 +117,9 @@ def ddpm_sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int], rng
 
     def body(k, x):
         i = n - 1 - k
-        x0, _, v_var = _denoise(model_fn, schedule, x, i, param=param,
-                                learned_variance=learned_variance, clip_x0=clip_x0)
-        mean, _, log_var = gaussian.q_posterior_mean_variance(schedule, x0, x, i)
-        if learned_variance:
-            log_var = gaussian.learned_log_variance(schedule, v_var, i)
         noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-        return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+        return ddpm_step(model_fn, schedule, x, i, noise, param=param,
+                         learned_variance=learned_variance, clip_x0=clip_x0)
 
     return jax.lax.fori_loop(0, n, body, x)
 

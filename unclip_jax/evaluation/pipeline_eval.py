@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from unclip_jax import manipulations
+from unclip_jax.diffusion import pixels
 from unclip_jax.data import shapes
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.pipeline import UnCLIPPipeline, resize
-from unclip_jax.tasks import image_diffusion
 
 
 def _pick(captions: Sequence[str], n: int, rng: np.random.Generator) -> list[str]:
@@ -170,7 +170,7 @@ def inversion_psnr(pipe: UnCLIPPipeline, num_images: int, *, num_fixed_point_ite
     for j, iters in enumerate(num_fixed_point_iters):
         enc = manipulations.encode(pipe, images, num_fixed_point_iters=int(iters))
         rec = manipulations.reconstruct(pipe, enc)
-        results[f"psnr_iters_{int(iters)}"] = image_diffusion.psnr(rec, enc.images)
+        results[f"psnr_iters_{int(iters)}"] = pixels.psnr(rec, enc.images)
         if j == 0 and pipe.base_size >= shapes.MIN_SIDE:
             results["judge_exact_reconstructed"] = float(np.mean(
                 [shapes_judge.judge(r, c)["exact"] for r, c in zip(rec, captions)]))

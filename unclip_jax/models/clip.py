@@ -20,15 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax.models.layers import Dtype, Embed, LayerNorm, Transformer, get_activation
+from unclip_jax.models.layers import (Dtype, Embed, LayerNorm, Transformer, as_dtype,
+                                      get_activation, partitioned)
 
 Array = jax.Array
 
 EOT_POOLING_MODES = ("argmax", "eot_id")
-
-
-def _partitioned(init, names):
-    return nn.with_logical_partitioning(init, names)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
@@ -65,18 +62,18 @@ class VisionTransformer(nn.Module):
         x = nn.Conv(self.width, (self.patch_size, self.patch_size),
                     strides=(self.patch_size, self.patch_size), padding="VALID", use_bias=False,
                     dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_partitioned(nn.initializers.lecun_normal(),
-                                             (None, None, "conv_in", "embed")),
+                    kernel_init=partitioned(nn.initializers.lecun_normal(),
+                                            (None, None, "conv_in", "embed")),
                     name="patch_embedding")(images.astype(self.dtype))
         batch = x.shape[0]
         x = x.reshape(batch, -1, self.width)  # [B, num_patches, width], row-major over the grid
         class_embedding = self.param(
-            "class_embedding", _partitioned(nn.initializers.normal(scale), ("embed",)),
+            "class_embedding", partitioned(nn.initializers.normal(scale), ("embed",)),
             (self.width,), self.param_dtype)
         cls = jnp.broadcast_to(jnp.asarray(class_embedding, self.dtype), (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
         position_embedding = self.param(
-            "position_embedding", _partitioned(nn.initializers.normal(scale), (None, "embed")),
+            "position_embedding", partitioned(nn.initializers.normal(scale), (None, "embed")),
             (x.shape[1], self.width), self.param_dtype)
         x = x + jnp.asarray(position_embedding, self.dtype)[None]
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -134,7 +131,7 @@ class TextTransformer(nn.Module):
         x = Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="token_embedding")(tokens)
         position_embedding = self.param(
-            "position_embedding", _partitioned(nn.initializers.normal(0.01), (None, "embed")),
+            "position_embedding", partitioned(nn.initializers.normal(0.01), (None, "embed")),
             (self.context_length, self.width), self.param_dtype)
         x = x + jnp.asarray(position_embedding, self.dtype)[None]
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -194,11 +191,11 @@ class CLIP(nn.Module):
             depth=self.text_depth, num_heads=self.text_heads, eot_pooling=self.eot_pooling,
             eot_token_id=self.eot_token_id, **common)
         projection = dict(use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
-                          kernel_init=_partitioned(nn.initializers.lecun_normal(), ("embed", None)))
+                          kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", None)))
         self.visual_projection = nn.Dense(self.embed_dim, **projection)
         self.text_projection = nn.Dense(self.embed_dim, **projection)
         self.logit_scale = self.param(
-            "logit_scale", _partitioned(nn.initializers.constant(math.log(1 / 0.07)), ()), (),
+            "logit_scale", partitioned(nn.initializers.constant(math.log(1 / 0.07)), ()), (),
             self.param_dtype)
 
     def encode_image(self, images: Array, normalize: bool = True) -> Array:
@@ -227,10 +224,6 @@ class CLIP(nn.Module):
         return z_i, z_t, logit_scale
 
 
-def _as_dtype(value: Any) -> Any:
-    return jnp.dtype(value) if isinstance(value, str) else value
-
-
 def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
                            eot_pooling: str | None = None,
                            context_length: int | None = None) -> CLIP:
@@ -255,9 +248,9 @@ def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
             kwargs[name] = cfg[name]
     for name in ("dtype", "param_dtype"):
         if name in cfg and cfg[name] is not None:
-            kwargs[name] = _as_dtype(cfg[name])
+            kwargs[name] = as_dtype(cfg[name])
     if "matmul_dtype" in cfg and cfg["matmul_dtype"]:
-        kwargs["matmul_dtype"] = _as_dtype(cfg["matmul_dtype"])
+        kwargs["matmul_dtype"] = as_dtype(cfg["matmul_dtype"])
     if eot_pooling is None:
         eot_pooling = cfg["eot_pooling"] if "eot_pooling" in cfg and cfg["eot_pooling"] else "eot_id"
     kwargs["eot_pooling"] = eot_pooling

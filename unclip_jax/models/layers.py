@@ -13,6 +13,7 @@ Conventions shared by every module here:
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, Callable
 
@@ -133,8 +134,20 @@ def dense_dot_general(matmul_dtype: Dtype | None):
     return dot_general
 
 
-def _partitioned(init: Callable[..., Array], names: tuple[str | None, ...]):
+def partitioned(init: Callable[..., Array], names: tuple[str | None, ...]):
+    """`init` whose parameter carries the logical axis names `names` (one per axis)."""
     return nn.with_logical_partitioning(init, names)
+
+
+def as_dtype(value: Any) -> Any:
+    """A config's dtype field as a dtype: names such as "bfloat16" are converted, dtypes kept."""
+    return jnp.dtype(value) if isinstance(value, str) else value
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a param tree of arrays or abstract arrays, boxed (`nn.Partitioned`) or
+    not."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree))))
 
 
 class LayerNorm(nn.Module):
@@ -149,9 +162,9 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         features = x.shape[-1]
-        scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (features,),
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (features,),
                            self.param_dtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), (features,),
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (features,),
                           self.param_dtype)
         x = x.astype(jnp.float32)
         mean = jnp.mean(x, axis=-1, keepdims=True)
@@ -176,7 +189,7 @@ class Embed(nn.Module):
 
     @nn.compact
     def __call__(self, ids: Array) -> Array:
-        table = self.param("embedding", _partitioned(self.embedding_init, ("vocab", "embed")),
+        table = self.param("embedding", partitioned(self.embedding_init, ("vocab", "embed")),
                            (self.num_embeddings, self.features), self.param_dtype)
         table = nn.with_logical_constraint(jnp.asarray(table, self.dtype), ("vocab", None))
         return jnp.take(table, ids, axis=0)
@@ -209,9 +222,9 @@ class HeadsDense(nn.Module):
             init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
             bias_names = ("heads", "kv")
             equation = "...e,ehd->...hd"
-        kernel = self.param("kernel", _partitioned(init, names), in_shape + tuple(self.features),
+        kernel = self.param("kernel", partitioned(init, names), in_shape + tuple(self.features),
                             self.param_dtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, bias_names),
+        bias = self.param("bias", partitioned(nn.initializers.zeros, bias_names),
                           tuple(self.features), self.param_dtype)
         kernel = jnp.asarray(kernel, self.dtype)
         if self.matmul_dtype is None:
@@ -222,6 +235,18 @@ class HeadsDense(nn.Module):
                           kernel.reshape(int(np.prod(in_shape)), -1), self.matmul_dtype)
             y = flat.reshape(*lead, *self.features)
         return y + jnp.asarray(bias, self.dtype)
+
+
+def drop_to_null_token(seq: Array, mask: Array, drop: Array,
+                       null_token: Array) -> tuple[Array, Array]:
+    """Classifier-free guidance's dropped caption: where `drop` (bool [B]) is True, the sequence
+    seq [B, L, W] becomes ONE learned `null_token` [W] at position 0 and the key mask (bool [B, L])
+    keeps only that position, so that no query's softmax row is empty; other rows are unchanged."""
+    first = jnp.arange(seq.shape[1]) == 0
+    null_seq = jnp.where(first[:, None], jnp.asarray(null_token, seq.dtype)[None], 0)
+    seq = jnp.where(drop[:, None, None], null_seq[None].astype(seq.dtype), seq)
+    mask = jnp.where(drop[:, None], first[None], mask)
+    return seq, mask
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
@@ -340,14 +365,14 @@ class Mlp(nn.Module):
         h = nn.Dense(
             self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=dense_dot_general(self.matmul_dtype),
-            kernel_init=_partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
-            bias_init=_partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x.astype(self.dtype))
+            kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x.astype(self.dtype))
         h = nn.with_logical_constraint(act(h), ("act_batch", "act_length", "act_mlp"))
         y = nn.Dense(
             width, dtype=self.dtype, param_dtype=self.param_dtype,
             dot_general=dense_dot_general(self.matmul_dtype),
-            kernel_init=_partitioned(nn.initializers.lecun_normal(), ("mlp", "embed")),
-            bias_init=_partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(h)
+            kernel_init=partitioned(nn.initializers.lecun_normal(), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(h)
         return nn.with_logical_constraint(y, ("act_batch", "act_length", "act_embed"))
 
 

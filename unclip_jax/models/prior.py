@@ -34,15 +34,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax.models.layers import Dtype, LayerNorm, Transformer, get_activation, get_remat_policy
+from unclip_jax.models.layers import (Dtype, LayerNorm, Transformer, as_dtype, drop_to_null_token,
+                                      get_activation, get_remat_policy, partitioned)
 
 Array = jax.Array
 
 NUM_EXTRA_TOKENS = 4  # z_t, timestep, noised z_i, query
-
-
-def _partitioned(init, names):
-    return nn.with_logical_partitioning(init, names)
 
 
 def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
@@ -137,11 +134,11 @@ class DiffusionPrior(nn.Module):
                dtype: Dtype | None = None) -> nn.Dense:
         return nn.Dense(
             features, dtype=self.dtype if dtype is None else dtype, param_dtype=self.param_dtype,
-            kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
-            bias_init=_partitioned(nn.initializers.zeros, bias_names), name=name)
+            kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+            bias_init=partitioned(nn.initializers.zeros, bias_names), name=name)
 
     def _learned_token(self, name: str) -> Array:
-        return self.param(name, _partitioned(nn.initializers.normal(0.02), ("embed",)),
+        return self.param(name, partitioned(nn.initializers.normal(0.02), ("embed",)),
                           (self.width,), self.param_dtype)
 
     def setup(self):
@@ -156,7 +153,7 @@ class DiffusionPrior(nn.Module):
         self.null_z_t = self._learned_token("null_z_t")
         self.query = self._learned_token("query")
         self.position_embedding = self.param(
-            "position_embedding", _partitioned(nn.initializers.normal(0.01), (None, "embed")),
+            "position_embedding", partitioned(nn.initializers.normal(0.01), (None, "embed")),
             (self.sequence_length, self.width), self.param_dtype)
         kwargs = dict(depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                       activation=self.activation, causal=True, dtype=self.dtype,
@@ -180,10 +177,7 @@ class DiffusionPrior(nn.Module):
         z_t_token = self.z_t_proj(z_t.astype(self.dtype))
         if drop_text is not None:
             drop = drop_text.astype(bool)
-            first = jnp.arange(length) == 0
-            null_text = jnp.where(first[:, None], jnp.asarray(self.null_text_token, self.dtype)[None], 0)
-            text = jnp.where(drop[:, None, None], null_text[None].astype(self.dtype), text)
-            text_mask = jnp.where(drop[:, None], first[None], text_mask)
+            text, text_mask = drop_to_null_token(text, text_mask, drop, self.null_text_token)
             z_t_token = jnp.where(drop[:, None], jnp.asarray(self.null_z_t, self.dtype)[None], z_t_token)
         x = jnp.concatenate([text, z_t_token[:, None]], axis=1) + self._positions(0, length + 1)
         x = nn.with_logical_constraint(x.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
@@ -247,10 +241,6 @@ class DiffusionPrior(nn.Module):
         return self._output(self.transformer(self._suffix(z_i_t, t), mask, prefix["kv"]))
 
 
-def _as_dtype(value: Any) -> Any:
-    return jnp.dtype(value) if isinstance(value, str) else value
-
-
 _REQUIRED = ("width", "depth", "num_heads")
 _OPTIONAL = ("head_dim", "mlp_ratio", "activation", "dropout", "scan_layers", "remat_policy",
              "attention_implementation", "num_timesteps")
@@ -275,7 +265,7 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
             kwargs[name] = cfg[name]
     for name in ("dtype", "param_dtype", "matmul_dtype"):
         if name in cfg and cfg[name]:
-            kwargs[name] = _as_dtype(cfg[name])
+            kwargs[name] = as_dtype(cfg[name])
     if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
         kwargs["head_dim"] = None
     return DiffusionPrior(embed_dim=int(embed_dim), text_width=int(text_width),

@@ -21,7 +21,7 @@ One module, `UNet`; its fields decide the role:
   (the learned null when dropped) projected to an s x s bottleneck map. CLIP's z_i pins the layout
   only as well as CLIP learned it; the caption states it outright. Randomly initialised like the
   z_i map (a zero-initialised projection passes the caption encoder no gradient through it). On
-  shapes it has not yet taught the caption pathway position (README).
+  shapes it has not yet taught the caption pathway position (docs/results.md).
 - `coord_channels=True` (not in the paper) appends each pixel's (x, y) to the input, so that
   layout words in z_i and the caption ("on the left", "above") can be placed from the first layer
   instead of being inferred from the zero padding.
@@ -56,18 +56,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax.models.layers import (Dtype, Embed, HeadsDense, LayerNorm, Transformer,
-                                      dot_product_attention)
+from unclip_jax.models.layers import (Dtype, Embed, HeadsDense, LayerNorm, Transformer, as_dtype,
+                                      dot_product_attention, drop_to_null_token, partitioned)
 from unclip_jax.models.prior import timestep_embedding
 
 Array = jax.Array
 
 ACT_IMAGE = ("act_batch", None, None, "act_embed")  # activations [B, H, W, C]
 _RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
-
-
-def _partitioned(init, names):
-    return nn.with_logical_partitioning(init, names)
 
 
 def norm_groups(channels: int, max_groups: int = 32) -> int:
@@ -82,14 +78,14 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
           zero: bool = False) -> nn.Conv:
     init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=_partitioned(init, (None, None, "conv_in", "conv_out")),
-                   bias_init=_partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
+                   kernel_init=partitioned(init, (None, None, "conv_in", "conv_out")),
+                   bias_init=partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
 
 
 def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_partitioned(nn.initializers.lecun_normal(), names),
-                    bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
+                    kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                    bias_init=partitioned(nn.initializers.zeros, names[-1:]), name=name)
 
 
 def resize_low_res(low_res: Array, height: int, width: int, method: str) -> Array:
@@ -145,9 +141,9 @@ class GroupNorm(nn.Module):
     def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None) -> Array:
         c = x.shape[-1]
         groups = norm_groups(c, self.num_groups)
-        scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (c,),
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (c,),
                            self.param_dtype)
-        bias = self.param("bias", _partitioned(nn.initializers.zeros, ("norm",)), (c,),
+        bias = self.param("bias", partitioned(nn.initializers.zeros, ("norm",)), (c,),
                           self.param_dtype)
         xf = x.astype(jnp.float32)
         spatial = tuple(range(1, x.ndim - 1))
@@ -268,9 +264,9 @@ class AttentionBlock(nn.Module):
         out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
         out = nn.with_logical_constraint(out.astype(self.dtype), act_heads)
         kernel = self.param("out_proj_kernel",
-                            _partitioned(nn.initializers.zeros, ("heads", "kv", "embed")),
+                            partitioned(nn.initializers.zeros, ("heads", "kv", "embed")),
                             (heads, head_dim, c), self.param_dtype)
-        bias = self.param("out_proj_bias", _partitioned(nn.initializers.zeros, ("embed",)), (c,),
+        bias = self.param("out_proj_bias", partitioned(nn.initializers.zeros, ("embed",)), (c,),
                           self.param_dtype)
         y = jnp.einsum("blhd,hde->ble", out, jnp.asarray(kernel, self.dtype))
         y = (y + jnp.asarray(bias, self.dtype)).reshape(b, height, width, c)
@@ -302,7 +298,7 @@ class TextEncoder(nn.Module):
         x = Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="token_embedding")(tokens)
         pos = self.param("position_embedding",
-                         _partitioned(nn.initializers.normal(0.01), (None, "embed")),
+                         partitioned(nn.initializers.normal(0.01), (None, "embed")),
                          (self.length, self.width), self.param_dtype)
         x = x + jnp.asarray(pos, self.dtype)[None]
         keys = mask.astype(bool).at[:, 0].set(True)
@@ -471,7 +467,7 @@ class UNet(nn.Module):
     def _clip_conditioning(self, z_i: Array, drop_z_i: Array | None):
         """z_i [B, D] -> (emb term [B, E], context tokens [B, clip_tokens, context_width] or None,
         bottleneck map [B, clip_spatial, clip_spatial, bottleneck channels] or None)."""
-        null = self.param("null_z_i", _partitioned(nn.initializers.zeros, (None,)),
+        null = self.param("null_z_i", partitioned(nn.initializers.zeros, (None,)),
                           (self.clip_dim,), self.param_dtype)
         # A unit-norm z_i has entries of size ~1/sqrt(D): rescaled to unit variance, its projections
         # start as strong as the timestep embedding instead of sqrt(D) times weaker.
@@ -503,18 +499,15 @@ class UNet(nn.Module):
         emb = _dense(self.emb_dim, (None, "embed"), "text_emb_proj", self.dtype,
                      self.param_dtype)(pooled)
         null_emb = self.param("null_text_emb",
-                              _partitioned(nn.initializers.normal(0.02), ("embed",)),
+                              partitioned(nn.initializers.normal(0.02), ("embed",)),
                               (self.emb_dim,), self.param_dtype)
         null_token = self.param("null_text_token",
-                                _partitioned(nn.initializers.normal(0.02), ("embed",)),
+                                partitioned(nn.initializers.normal(0.02), ("embed",)),
                                 (self.text_width,), self.param_dtype)
         if drop is not None:
             drop = drop.astype(bool)
             emb = jnp.where(drop[:, None], jnp.asarray(null_emb, emb.dtype)[None], emb)
-            first = jnp.arange(length) == 0
-            null_seq = jnp.where(first[:, None], jnp.asarray(null_token, seq.dtype)[None], 0)
-            seq = jnp.where(drop[:, None, None], null_seq[None].astype(seq.dtype), seq)
-            mask = jnp.where(drop[:, None], first[None], mask)
+            seq, mask = drop_to_null_token(seq, mask, drop, null_token)
         return emb, seq, mask
 
     def _bottleneck_map(self, side: int, source: Array, name: str) -> Array:
@@ -646,10 +639,6 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
 
 
-def _as_dtype(value: Any) -> Any:
-    return jnp.dtype(value) if isinstance(value, str) else value
-
-
 def unet_from_config(cfg: Any, **sizes: Any) -> UNet:
     """Builds a `UNet` from a config block whose fields share the module's names.
 
@@ -673,10 +662,5 @@ def unet_from_config(cfg: Any, **sizes: Any) -> UNet:
             kwargs[name] = tuple(int(v) for v in kwargs[name])
     for name in ("dtype", "param_dtype"):
         if name in kwargs:
-            kwargs[name] = _as_dtype(kwargs[name])
+            kwargs[name] = as_dtype(kwargs[name])
     return UNet(**kwargs)
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a (possibly boxed) param tree."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params))))

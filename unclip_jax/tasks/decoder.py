@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from unclip_jax import parallel
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import input_pipeline
-from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion import pixels, samplers
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.tasks import embed
@@ -106,7 +106,7 @@ class DecoderTask(Task):
     def loss_fn(self, params, batch, rng, step):
         diff = self.config.diffusion
         noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
-        x0 = diff_lib.to_model_range(batch["image"])
+        x0 = pixels.to_model_range(batch["image"])
         x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
         b = x0.shape[0]
         out = self.model.apply(
@@ -226,7 +226,7 @@ class DecoderTask(Task):
         fn = self.sample_fn(mesh, scale)
         images = parallel.map_batches(lambda i, z, tok: fn(params, z, tok, jax.random.fold_in(rng, i)),
                                       [z_i, tokens], mesh, self.config.eval.batch_size)
-        return diff_lib.to_uint8(images)
+        return np.asarray(pixels.to_uint8(images))
 
     # ------------------------------------------------------------------ evaluation
     def _eval_examples(self, split: str):

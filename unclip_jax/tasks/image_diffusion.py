@@ -1,4 +1,4 @@
-"""Pieces shared by the image diffusion stages (decoder, upsamplers): pixel ranges, loss, sampling."""
+"""Pieces shared by the image diffusion stages (decoder, upsamplers): schedules, loss, sampling."""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,20 +6,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
-
-
-def to_model_range(images: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 in [-1, 1] (on device)."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(x: jax.Array) -> np.ndarray:
-    """float [-1, 1] -> uint8 numpy [B, H, W, 3]."""
-    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
 
 
 def schedules(diffusion: ml_collections.ConfigDict) -> tuple[Schedule, Schedule]:
@@ -64,9 +53,3 @@ def sample_images(diffusion: ml_collections.ConfigDict, schedule: Schedule, mode
         kwargs.setdefault("eta", float(diffusion.get("eta", 0.0)))
     return samplers.sample(name, fn, schedule, shape, rng, param=diffusion.param,
                            learned_variance=learned, clip_x0=clip_x0, **kwargs)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean PSNR (dB) between uint8 image batches."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))

@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from unclip_jax import parallel
+from unclip_jax.diffusion import pixels
 from unclip_jax.data import degradations
 from unclip_jax.data import images as image_lib
 from unclip_jax.data import input_pipeline
@@ -68,8 +69,8 @@ class UpsamplerTask(Task):
 
     def loss_fn(self, params, batch, rng, step):
         noise_rng, dropout_rng = jax.random.split(rng)
-        cond = diff_lib.to_model_range(batch["low"])
-        high = diff_lib.to_model_range(batch["high"])
+        cond = pixels.to_model_range(batch["low"])
+        high = pixels.to_model_range(batch["high"])
         x0 = high - self._base(cond, high.shape[1], high.shape[2])
         x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
         out = self.model.apply({"params": params}, x_t, t, low_res=cond,
@@ -110,7 +111,7 @@ class UpsamplerTask(Task):
         extra = {"eta": float(diff.get("eta", 0.0) if eta is None else eta)} if name == "ddim" else {}
 
         def sample(params, low_res, rng, x_T=None):
-            cond = diff_lib.to_model_range(low_res)
+            cond = pixels.to_model_range(low_res)
 
             def model_fn(x, t):
                 return self.model.apply({"params": params}, x, t, low_res=cond)
@@ -133,7 +134,7 @@ class UpsamplerTask(Task):
         sampler = self._samplers[key]
         upsampled = parallel.map_batches(lambda i, chunk: sampler(params, chunk, jax.random.fold_in(rng, i)),
                                          [low], mesh, self.config.eval.batch_size)
-        return diff_lib.to_uint8(upsampled)
+        return np.asarray(pixels.to_uint8(upsampled))
 
     def _eval_examples(self, split: str):
         source = input_pipeline.make_source(self.config.data, split)
@@ -148,9 +149,9 @@ class UpsamplerTask(Task):
         for split in self.config.eval.splits:
             high, low, captions = self._eval_examples(split)
             upsampled = self.upsample(params, mesh, low, jax.random.key(int(self.config.eval.seed)))
-            results[f"eval/{split}/psnr_upsampled"] = diff_lib.psnr(upsampled, high)
+            results[f"eval/{split}/psnr_upsampled"] = pixels.psnr(upsampled, high)
             bicubic = np.stack([image_lib.resize_center_crop(x, high.shape[1]) for x in low])
-            results[f"eval/{split}/psnr_bicubic"] = diff_lib.psnr(bicubic, high)  # the baseline
+            results[f"eval/{split}/psnr_bicubic"] = pixels.psnr(bicubic, high)  # the baseline
             for name, images in (("low_res", low), ("upsampled", upsampled)):
                 scores = shapes_judge.judge_batch(images, captions)
                 results[f"eval/{split}/judge_exact_{name}"] = float(scores["exact"])

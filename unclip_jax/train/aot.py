@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
+from unclip_jax.models import layers
 from unclip_jax.train import loop
 from unclip_jax.train import state as state_lib
 
@@ -66,7 +67,7 @@ def count_params(config: ml_collections.ConfigDict) -> int:
     """Parameters of the stage's model, from `jax.eval_shape` (nothing allocated)."""
     task = task_from_sizes(config)
     abstract = jax.eval_shape(task.init_params, jax.random.key(0))
-    return state_lib.count_params(nn.meta.unbox(abstract))
+    return layers.count_params(abstract)
 
 
 def _tree_bytes(tree) -> int:
@@ -134,7 +135,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[Any]
                    for name in ("params", "ema_params", "opt_state")}
     out = {
         "stage": config.stage,
-        "params": state_lib.count_params(abstract_state.params),
+        "params": layers.count_params(abstract_state.params),
         "devices": len(devices),
         "device_kind": getattr(devices[0], "device_kind", str(devices[0].platform)),
         "mesh": dict(mesh.shape),

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel, paths
 from unclip_jax import tasks
+from unclip_jax.models import layers
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing, restore
 from unclip_jax.train import metrics as metrics_lib
@@ -203,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
             state, new = restore.warm_start(state, config.train.init_from, mesh)
             logging.info("Warm start: params and EMA params from %s; newly initialised: %s",
                          config.train.init_from, ", ".join(new) or "none")
-        num_params = state_lib.count_params(abstract_state.params)
+        num_params = layers.count_params(abstract_state.params)
         logging.info("%s: %s parameters on mesh %s", config.stage, f"{num_params:,}", dict(mesh.shape))
         logging.info("process %d of %d reads data slice %d of %d (%d examples a step)",
                      jax.process_index(), jax.process_count(), slice_index, num_slices, local_batch)

@@ -1,7 +1,6 @@
 """Train state (params, EMA params, optimizer state, step) and the optimizer built from a config."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax
@@ -101,8 +100,3 @@ def init_state(task, tx, rng: jax.Array, mesh, rules):
 
 def state_shardings(abstract_state):
     return jax.tree.map(lambda a: a.sharding, abstract_state)
-
-
-def count_params(tree) -> int:
-    """Number of parameters (elements) in a tree of arrays or abstract arrays."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
