@@ -47,6 +47,8 @@ def test_topology_options_and_errors():
     gpu = paper.get_config("decoder,gpu8")
     assert tuple(gpu.mesh.shape) == (1, 8, 1)
     assert gpu.train.batch_size // gpu.train.grad_accum_steps == 8 * 16
+    v5e = paper.get_config("decoder,v5e256")  # 16 GiB chips: 2 examples a chip at a time.
+    assert v5e.train.batch_size // v5e.train.grad_accum_steps // 256 == 2
     with pytest.raises(ValueError, match="unknown variant"):
         paper.get_config("upsampler")
     with pytest.raises(ValueError, match="unknown option"):
