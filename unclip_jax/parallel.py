@@ -13,6 +13,7 @@ sharded over `fsdp` never collides with a parameter dimension sharded over the s
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -218,6 +219,7 @@ def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh_shape: dict[str, in
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=16)  # Asked every step (global_batch_from_local); fixed per mesh.
 def data_slice(mesh: Mesh) -> tuple[int, int]:
     """(index, count): this process feeds block `index` of `count` equal, contiguous row blocks of
     every global batch (`batch_sharding(mesh)`).
