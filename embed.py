@@ -38,7 +38,7 @@ def main(argv):
     import jax
 
     from unclip_jax.data import embedding_cache
-    from unclip_jax.tasks import embed
+    from unclip_jax.data import embed
 
     from unclip_jax.train import restore
 

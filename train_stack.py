@@ -92,7 +92,7 @@ def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
 
     `timings`, when given, receives each step's wall-clock seconds ("clip", "embed", ...).
     """
-    from unclip_jax.tasks import embed
+    from unclip_jax.data import embed
     from unclip_jax.train import loop
 
     if preset not in PRESETS:  # Before claim_root records it in the root.

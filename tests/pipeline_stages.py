@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from tests import helpers
 from unclip_jax import parallel
-from unclip_jax.tasks import embed
+from unclip_jax.data import embed
 from unclip_jax import tasks
 from unclip_jax.train import checkpointing
 from unclip_jax.train import state as state_lib

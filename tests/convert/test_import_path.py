@@ -15,7 +15,7 @@ from tests import helpers
 from tests.convert import hf_fixtures
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import webdataset
-from unclip_jax.tasks import embed
+from unclip_jax.data import embed
 from unclip_jax.train import loop
 from unclip_jax.train import restore
 

@@ -32,7 +32,7 @@ def trained_tiny_clip(tmp_path_factory) -> str:
 def tiny_clip_with_cache(tmp_path_factory) -> tuple[str, str]:
     """The tiny CLIP's workdir and its embedding cache (64 examples per split), built once per session."""
     if "cache" not in _WORKDIRS:
-        from unclip_jax.tasks import embed
+        from unclip_jax.data import embed
 
         workdir = trained_tiny_clip(tmp_path_factory)
         cache = str(tmp_path_factory.mktemp("tiny_clip_cache"))

@@ -26,7 +26,7 @@ from unclip_jax.data import input_pipeline
 from unclip_jax.diffusion import pixels, samplers
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.models import unet as unet_lib
-from unclip_jax.tasks import embed
+from unclip_jax.data import embed
 from unclip_jax.tasks import image_diffusion as diff_lib
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.tasks.base import Task

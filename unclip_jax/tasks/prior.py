@@ -28,7 +28,7 @@ from unclip_jax.data import input_pipeline
 from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import prior as prior_lib
-from unclip_jax.tasks import embed
+from unclip_jax.data import embed
 from unclip_jax.tasks.base import Task
 
 CACHE_FIELDS = ("z_i", "z_t", "text_hidden", "tokens")

@@ -19,6 +19,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from unclip_jax import parallel, paths, tasks
+from unclip_jax.stages import load as load_lib
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
 from unclip_jax.train import state as state_lib
@@ -26,8 +27,7 @@ from unclip_jax.train import state as state_lib
 PARAM_KINDS = ("ema", "params")
 
 
-class NotTrainedError(FileNotFoundError):
-    """The workdir does not exist, or holds no config.json or no checkpoint."""
+NotTrainedError = load_lib.NotTrainedError
 
 
 @dataclasses.dataclass

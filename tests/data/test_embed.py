@@ -9,7 +9,7 @@ from tests import numerics
 from tests.train import tiny_clip
 from unclip_jax.data import embedding_cache as ec
 from unclip_jax.data import input_pipeline
-from unclip_jax.tasks import embed
+from unclip_jax.data import embed
 from unclip_jax.train import restore
 
 
