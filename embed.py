@@ -40,14 +40,14 @@ def main(argv):
     from unclip_jax.data import embedding_cache
     from unclip_jax.data import embed
 
-    from unclip_jax.train import restore
+    from unclip_jax.stages.load import NotTrainedError
 
     try:
         summaries = embed.build_clip_cache(
             FLAGS.clip_workdir, FLAGS.cache_dir, FLAGS.splits, num_examples=FLAGS.num_examples,
             batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
             text_hidden_dtype=FLAGS.text_hidden_dtype, step=FLAGS.step, progress=True)
-    except (restore.NotTrainedError, embedding_cache.CacheMismatchError, FileNotFoundError) as e:
+    except (NotTrainedError, embedding_cache.CacheMismatchError, FileNotFoundError) as e:
         sys.exit(f"embed.py: {e}")  # The user's input is wrong: the message says how, no traceback.
     if jax.process_index() == 0:
         print(f"Embedding cache in {FLAGS.cache_dir}:")

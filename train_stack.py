@@ -17,150 +17,29 @@ four sets (training / held-out captions, single / two objects) through `unclip_j
 shapes judge's scores and each stage's wall-clock seconds are printed and written to
 `<root>/stack_eval.json`, and a grid of the samples (one row per set) to `<root>/stack_samples.png`.
 """
-import json
-import os
-import time
-
-from absl import app, flags, logging
+from absl import app, flags
 
 from unclip_jax import cli
+from unclip_jax.train import stack as command
 
 FLAGS = flags.FLAGS
-
-
-def _define_flags():  # Only when run as a script: tests import this module beside sample.py.
-    flags.DEFINE_enum("preset", "fast", PRESETS, "fast: ~28 min on a 2-core CPU; full: the "
-                      "configs' defaults (the README's quality runs); tiny: smoke test.")
-    flags.DEFINE_string("root", None, "Directory holding one workdir per stage (default: "
-                        "runs/stack_<preset>).")
-    flags.DEFINE_integer("num_captions", None, "Captions per caption set for the final judge "
-                         "(default: 25 for fast, 50 for full, 2 for tiny).")
-    flags.DEFINE_integer("grid_columns", 8, "Samples per caption set shown in the grid.")
-    flags.DEFINE_integer("seed", 0, "Seed of the final captions and samples.")
-
-
-STAGES = ("clip", "prior", "decoder", "upsampler")
-PRESETS = ("fast", "full", "tiny")
-NUM_CAPTIONS = {"fast": 25, "full": 50, "tiny": 2}
-
-
-def stage_workdir(root: str, stage: str) -> str:
-    return os.path.join(root, f"shapes_{stage}")
-
-
-def stage_config(stage: str, root: str, preset: str):
-    """configs/shapes.py:<stage>[,fast|,tiny], reading the CLIP (and its cache) trained under `root`."""
-    from configs import shapes
-
-    config = shapes.get_config(stage + ("" if preset == "full" else f",{preset}"))
-    if "clip_workdir" in config:
-        with config.unlocked():
-            config.clip_workdir, config.cache_dir = stage_workdir(root, "clip"), ""
-    return config
-
-
-def is_complete(config, workdir: str) -> bool:
-    """True when `workdir` holds a checkpoint of the config's final step."""
-    from unclip_jax.train import checkpointing
-
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return False
-    with checkpointing.Checkpointer(ckpt_dir, max_to_keep=None, async_save=False) as ckpt:
-        latest = ckpt.latest_step()
-    return latest is not None and latest >= int(config.train.num_steps)
-
-
-def claim_root(root: str, preset: str) -> None:
-    """Records `preset` in `<root>/stack.json`; a root holding another preset's stages is an error
-    (their checkpoints would resume into configs they were not trained with)."""
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, "stack.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            held = json.load(f).get("preset")
-        if held != preset:
-            raise ValueError(f"{root} holds the {held!r} stack; --preset {preset} needs another "
-                             f"--root (e.g. runs/stack_{preset})")
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"preset": preset}, f)
-
-
-def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
-    """Trains every stage that is not complete (and the CLIP embedding cache); returns their metrics.
-
-    `timings`, when given, receives each step's wall-clock seconds ("clip", "embed", ...).
-    """
-    from unclip_jax.data import embed
-    from unclip_jax.train import loop
-
-    if preset not in PRESETS:  # Before claim_root records it in the root.
-        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
-    claim_root(root, preset)
-    timings = {} if timings is None else timings
-    results = {}
-    for stage in STAGES:
-        config, workdir = stage_config(stage, root, preset), stage_workdir(root, stage)
-        start = time.perf_counter()
-        if is_complete(config, workdir):
-            logging.info("Stage %s: complete in %s, not retrained", stage, workdir)
-        else:
-            logging.info("Stage %s: training in %s", stage, workdir)
-            results[stage] = loop.train_and_evaluate(config, workdir)
-        timings[stage] = round(time.perf_counter() - start, 1)
-        if stage == "clip":  # Resumable: a complete cache is only checked.
-            start = time.perf_counter()
-            clip_dir = stage_workdir(root, "clip")
-            embed.build_clip_cache(clip_dir, os.path.join(clip_dir, "cache"), progress=True)
-            timings["embed"] = round(time.perf_counter() - start, 1)
-    return results
-
-
-def judge_stack(root: str, num_captions: int, columns: int, seed: int) -> dict:
-    """Text -> image through the trained stages; judge rates per caption set, and a sample grid."""
-    import numpy as np
-    from PIL import Image
-
-    from configs import pipeline_shapes
-    from unclip_jax.evaluation import pipeline_eval
-    from unclip_jax.pipeline import UnCLIPPipeline
-    from unclip_jax.train import metrics
-
-    config = pipeline_shapes.get_config(root)  # <root>/shapes_<stage>, as stage_workdir names them
-    pipe = UnCLIPPipeline.from_config(config)
-    scores, samples = pipeline_eval.text_to_image(pipe, num_captions, seed=seed, return_samples=True)
-    rows = [images[:columns] for _, images, _ in samples.values()]
-    if all(len(r) == columns for r in rows):
-        grid = metrics.image_grid(np.concatenate(rows), ncols=columns)
-        Image.fromarray(grid).save(os.path.join(root, "stack_samples.png"))
-    scores["settings"] = pipe.resolved_settings()
-    return scores
+flags.DEFINE_enum("preset", "fast", command.PRESETS, "fast: ~28 min on a 2-core CPU; full: the "
+                  "configs' defaults (the README's quality runs); tiny: smoke test.")
+flags.DEFINE_string("root", None, "Directory holding one workdir per stage (default: "
+                    "runs/stack_<preset>).")
+flags.DEFINE_integer("num_captions", None, "Captions per caption set for the final judge "
+                     "(default: 25 for fast, 50 for full, 2 for tiny).")
+flags.DEFINE_integer("grid_columns", 8, "Samples per caption set shown in the grid.")
+flags.DEFINE_integer("seed", 0, "Seed of the final captions and samples.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.start()
-    preset = FLAGS.preset
-    root = os.path.abspath(os.path.expanduser(FLAGS.root or f"runs/stack_{preset}"))
-    num_captions = FLAGS.num_captions or NUM_CAPTIONS[preset]
-    timings = {}
-    train_stages(root, preset, timings)
-    start = time.perf_counter()
-    scores = judge_stack(root, num_captions, FLAGS.grid_columns, FLAGS.seed)
-    timings["judge"] = round(time.perf_counter() - start, 1)
-    scores["preset"], scores["seconds"] = preset, timings
-    with open(os.path.join(root, "stack_eval.json"), "w", encoding="utf-8") as f:
-        json.dump(scores, f, indent=2)
-    print("Text -> image, shapes judge (rate of images whose every attribute matches the caption):")
-    for key in sorted(k for k in scores if k.endswith("/exact")):
-        print(f"  {key}: {scores[key]:.3f}")
-    print("Seconds (this run; 0-ish for stages already complete):",
-          ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), f"; total {sum(timings.values()):.0f}")
-    print(f"Grid: {os.path.join(root, 'stack_samples.png')}; all scores: {os.path.join(root, 'stack_eval.json')}")
+    command.run(preset=FLAGS.preset, root=FLAGS.root, num_captions=FLAGS.num_captions,
+                grid_columns=FLAGS.grid_columns, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":
-    _define_flags()
     app.run(main)

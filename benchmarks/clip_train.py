@@ -19,6 +19,7 @@ from flax import linen as nn  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from unclip_jax import cpu  # noqa: E402
 from unclip_jax import parallel, tasks  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/shapes.py:clip", "Config to benchmark.")
@@ -38,6 +39,7 @@ def main(_):
     print(json.dumps({
         "benchmark": "clip_train", "config": "configs/shapes.py:clip",
         "batch_size": int(config.train.batch_size), "image_size": int(config.model.image_size),
+        "matmul_dtype": cpu.matmul_dtype(config.model.matmul_dtype) or config.model.dtype,
         **timings, "steps_timed": FLAGS.steps, **common.machine_info()}, indent=2))
 
 if __name__ == "__main__":

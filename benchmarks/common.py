@@ -4,7 +4,12 @@ import platform
 import statistics
 import time
 
-import jax
+from unclip_jax import cpu
+
+# As the command-line entries (--xla_cpu_convolutions); set before JAX starts its backend.
+cpu.apply_xla_flags(os.environ.get("UNCLIP_JAX_XLA_CPU_CONVOLUTIONS", "auto"))
+
+import jax  # noqa: E402
 
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel
@@ -12,8 +17,21 @@ from unclip_jax.models import layers
 from unclip_jax.train import loop, state as state_lib
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_info() -> dict:
+    bf16 = sorted(cpu.cpu_features() & set(cpu.BF16_MATMUL_FEATURES))
     return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_bf16_matmul": bf16, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "jax": jax.__version__, "machine": platform.machine()}
 
 

@@ -72,9 +72,8 @@ def random_batch(n, rng):
 
 def main(_):
     config = fixed_config()
-    task = decoder_task.DecoderTask.from_dims(config, tempfile.mkdtemp(prefix="bench_decoder_"),
-                                              clip_dim=D, text_length=L, vocab_size=1024,
-                                              eot_token_id=1023)
+    task = decoder_task.DecoderTask(config, tempfile.mkdtemp(prefix="bench_decoder_"),
+                                    dict(clip_dim=D, text_length=L, vocab_size=1024, eot_token_id=1023))
     mesh = parallel.mesh_from_config(config.mesh)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
@@ -82,8 +81,9 @@ def main(_):
         timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
         params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(0))
         cond = random_batch(NUM_SAMPLES, rng)
-        sample = lambda seed: task.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
-                                          jax.random.key(seed), guidance_scale=GUIDANCE)
+        sample = lambda seed: task.stage.decode(params, mesh, cond["z_i"], cond["tokens"],  # noqa: E731
+                                                jax.random.key(seed), batch_size=NUM_SAMPLES,
+                                                guidance_scale=GUIDANCE)
         sampling = common.time_calls(sample, FLAGS.sample_repeats)
         floor = {}
         if FLAGS.conv_floor:

@@ -26,7 +26,7 @@ from benchmarks.common import machine_info  # noqa: E402
 from unclip_jax.data import embedding_cache  # noqa: E402
 from unclip_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from unclip_jax.models import clip as clip_lib  # noqa: E402
-from unclip_jax.tasks import clip as clip_task  # noqa: E402
+from unclip_jax.stages import clip as clip_stage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
@@ -79,11 +79,11 @@ def main(argv):
 
         @jax.jit
         def encode_images(params, images):
-            return model.apply({"params": params}, clip_task.normalize(images), method=model.encode_image)
+            return model.apply({"params": params}, clip_stage.normalize(images), method=model.encode_image)
 
         @jax.jit
         def encode_both(params, images, tokens):
-            z_i = model.apply({"params": params}, clip_task.normalize(images), method=model.encode_image)
+            z_i = model.apply({"params": params}, clip_stage.normalize(images), method=model.encode_image)
             z_t, hidden = model.apply({"params": params}, tokens, return_hidden=True,
                                       method=model.encode_text)
             return z_i, z_t, hidden.astype(jnp.float16)

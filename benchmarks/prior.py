@@ -21,6 +21,7 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from unclip_jax import cpu  # noqa: E402
 from configs import shapes  # noqa: E402
 from unclip_jax import parallel  # noqa: E402
 from unclip_jax.tasks import prior as prior_task  # noqa: E402
@@ -32,7 +33,7 @@ flags.DEFINE_bool("scan_layers", True, "Scan over the transformer blocks.")
 flags.DEFINE_string("dtype", "float32", "Activation dtype (params stay float32): float32 or bfloat16.")
 flags.DEFINE_string("matmul_dtype", None, "Operand dtype of the transformer's projections "
                     "(float32 accumulation, forward and backward): bfloat16, or float32 / \"\" for the "
-                    "activation dtype; unset = the shapes prior config's (bfloat16).")
+                    "activation dtype; unset = the shapes prior config's (auto: see unclip_jax/cpu.py).")
 FLAGS = flags.FLAGS
 
 D, L, W, BATCH, NUM_SAMPLES = 256, 77, 256, 32, 8
@@ -64,8 +65,8 @@ def random_records(n, rng):
 
 def main(_):
     config = fixed_config()
-    task = prior_task.PriorTask.from_dims(config, tempfile.mkdtemp(prefix="bench_prior_"), embed_dim=D,
-                                          text_length=L, text_width=W, eot_token_id=1023)
+    task = prior_task.PriorTask(config, tempfile.mkdtemp(prefix="bench_prior_"),
+                                dict(embed_dim=D, text_length=L, text_width=W, eot_token_id=1023))
     mesh = parallel.mesh_from_config(config.mesh)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.rules_from_config(config.mesh.rules)):
@@ -73,14 +74,15 @@ def main(_):
         timings = common.time_train_step(task, config, mesh, batch, FLAGS.steps)
         params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(0))
         records = random_records(NUM_SAMPLES, rng)
-        sample = lambda seed: task.sample_z_i(params, mesh, records, jax.random.key(seed),  # noqa: E731
-                                              guidance_scale=3.0, best_of=2)
+        sample = lambda seed: task.stage.sample(  # noqa: E731
+            params, mesh, records["z_t"], records["text_hidden"], records["tokens"], jax.random.key(seed),
+            batch_size=NUM_SAMPLES, guidance_scale=3.0, best_of=2)
         sampling = common.time_calls(sample, FLAGS.sample_repeats)
     print(json.dumps({
         "benchmark": "prior", "width": 256, "depth": 6, "heads": 8, "head_dim": 64, "embed_dim": D,
         "text_tokens": L, "batch_size": BATCH, "scan_layers": FLAGS.scan_layers,
         "remat_policy": FLAGS.remat_policy, "activation_dtype": FLAGS.dtype,
-        "matmul_dtype": config.model.matmul_dtype or FLAGS.dtype, **timings,
+        "matmul_dtype": cpu.matmul_dtype(config.model.matmul_dtype) or FLAGS.dtype, **timings,
         "train_samples_per_sec": timings["examples_per_sec_step_only"],
         "sampling": {"captions": NUM_SAMPLES, "steps": 64, "guidance_scale": 3.0, "best_of": 2,
                      **sampling},

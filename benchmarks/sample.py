@@ -28,41 +28,34 @@ from benchmarks import common  # noqa: E402
 from configs import shapes as shapes_config  # noqa: E402
 from unclip_jax import parallel, pipeline as pipeline_lib  # noqa: E402
 from unclip_jax.data import shapes  # noqa: E402
+from unclip_jax.stages import load  # noqa: E402
 from unclip_jax.tasks import clip as clip_task  # noqa: E402
-from unclip_jax.tasks import decoder as decoder_task  # noqa: E402
-from unclip_jax.tasks import prior as prior_task  # noqa: E402
-from unclip_jax.tasks import upsampler as upsampler_task  # noqa: E402
-from unclip_jax.train import restore  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 16, "Captions per batch (one image each).")
 flags.DEFINE_integer("repeats", 2, "Timed calls per stage (after one compiling call).")
 FLAGS = flags.FLAGS
 
 
-def random_stage(config, task, mesh, seed: int) -> restore.Trained:
-    """A `restore.Trained` with the task's initialised params, replicated on `mesh`."""
+def random_stage(config, stage, mesh, seed: int) -> load.Loaded:
+    """A `load.Loaded` with the stage's initialised params, replicated on `mesh`."""
     rules = parallel.rules_from_config(config.mesh.rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.jit(lambda r: parallel.unbox(task.init_params(r)))(jax.random.key(seed))
-    return restore.Trained(config=config, task=task, params=parallel.replicate(params, mesh), step=0, mesh=mesh)
+        params = jax.jit(lambda r: parallel.unbox(stage.init_params(r)))(jax.random.key(seed))
+    return load.Loaded(config=config, stage=stage, params=parallel.replicate(params, mesh), step=0, mesh=mesh)
 
 
 def build_pipeline(mesh, batch_size: int) -> pipeline_lib.UnCLIPPipeline:
     root = tempfile.mkdtemp(prefix="bench_sample_")
     clip_cfg = shapes_config.get_config("clip")
-    clip = clip_task.ClipTask(clip_cfg, os.path.join(root, "clip"))  # Trains its BPE (seconds).
+    clip = clip_task.ClipTask(clip_cfg, os.path.join(root, "clip")).stage  # Trains its BPE (seconds).
     tok = clip.tokenizer
-    dims = dict(text_length=tok.context_length)
     prior_cfg, dec_cfg = shapes_config.get_config("prior"), shapes_config.get_config("decoder")
-    for cfg in (prior_cfg, dec_cfg):
-        with cfg.unlocked():
-            cfg.clip_workdir = os.path.join(root, "clip")
-    prior = prior_task.PriorTask.from_dims(prior_cfg, os.path.join(root, "prior"), embed_dim=clip.model.embed_dim,
-                                           text_width=clip.model.text_width, eot_token_id=tok.eot_token_id, **dims)
-    dec = decoder_task.DecoderTask.from_dims(dec_cfg, os.path.join(root, "decoder"), clip_dim=clip.model.embed_dim,
-                                             vocab_size=tok.vocab_size, eot_token_id=tok.eot_token_id, **dims)
+    prior = load.build_stage(prior_cfg, dict(embed_dim=clip.model.embed_dim, text_length=tok.context_length,
+                                             text_width=clip.model.text_width, eot_token_id=tok.eot_token_id))
+    dec = load.build_stage(dec_cfg, dict(clip_dim=clip.model.embed_dim, text_length=tok.context_length,
+                                         vocab_size=tok.vocab_size, eot_token_id=tok.eot_token_id))
     up_cfg = shapes_config.get_config("upsampler")
-    up = upsampler_task.UpsamplerTask(up_cfg, os.path.join(root, "upsampler"))
+    up = load.build_stage(up_cfg, {})
     stages = [random_stage(cfg, task, mesh, i) for i, (cfg, task) in
               enumerate(((clip_cfg, clip), (prior_cfg, prior), (dec_cfg, dec), (up_cfg, up)))]
     return pipeline_lib.UnCLIPPipeline(*stages[:3], stages[3:], mesh=mesh, batch_size=batch_size)
@@ -97,7 +90,8 @@ def main(_):
     calls["upsampler"] = (first, lambda: pipe.upsample(base, keys))
     dec = pipe.decoder
     with jax.set_mesh(mesh), nn.logical_axis_rules(dec.rules):
-        batched = lambda: dec.task.decode(dec.params, mesh, z_i, tokens, jax.random.key(0))  # noqa: E731
+        batched = lambda: dec.stage.decode(dec.params, mesh, z_i, tokens, jax.random.key(0),  # noqa: E731
+                                           batch_size=n)
         calls["decoder_task_batched"] = (seconds(batched)[0], batched)
         results = {name: {"seconds_per_batch": median_seconds(fn, FLAGS.repeats),
                           "first_call_seconds_with_compile": round(first, 2)}

@@ -117,9 +117,10 @@ def clip_config() -> ml_collections.ConfigDict:
     c.model.mlp_ratio = 4.0  # MLP hidden width / model width.
     c.model.activation = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu".
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
-    # Transformer projection operand dtype ("" = dtype), forward and backward, with float32
-    # accumulation; bfloat16 because it is faster on AMX CPUs.
-    c.model.matmul_dtype = "bfloat16"
+    # Transformer projection operands, forward and backward: "" = dtype; "bfloat16" with float32
+    # accumulation; "auto" = bfloat16 on CPUs with bfloat16 matrix units, dtype elsewhere
+    # (unclip_jax/cpu.py).
+    c.model.matmul_dtype = "auto"
     c.model.scan_layers = False  # nn.scan over transformer blocks (faster compiles for deep stacks).
     c.model.remat_policy = "none"  # Rematerialisation: none | full | dots_saveable | nothing_saveable.
 
@@ -162,9 +163,9 @@ def prior_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Activation dtype ("bfloat16" on accelerators); params stay float32.
     c.model.scan_layers = True  # nn.scan over blocks (one compiled block, faster compiles).
     c.model.remat_policy = "nothing_saveable"  # Per-block remat: none | full | dots_saveable | nothing_saveable (this one: fastest on CPU).
-    # Projection operand dtype ("" = dtype), forward and backward, with float32 accumulation;
-    # bfloat16 because it is faster on AMX CPUs.
-    c.model.matmul_dtype = "bfloat16"
+    # Projection operands, forward and backward: "" = dtype; "bfloat16" with float32
+    # accumulation; "auto" = bfloat16 on CPUs with bfloat16 matrix units, dtype elsewhere.
+    c.model.matmul_dtype = "auto"
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # Noise schedule (paper: cosine).
@@ -356,8 +357,8 @@ def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
 
     Same models except a smaller upsampler; fewer steps; every stage's own evaluation smaller (the
     stack is judged end to end afterwards); shapes rendered on the fly (no TFDS build). What this
-    costs in quality is measured in the README (the defaults are the quality runs): the decoder is
-    the bottleneck, ~0.6 s per step here, and 1,400 steps draw colours in place and half the shapes.
+    costs in quality is measured in docs/results.md (the defaults are the quality runs): the
+    decoder is the bottleneck, and 1,400 steps draw colours in place and half the shapes.
     """
     if variant == "clip":
         c.data.source = "procedural"

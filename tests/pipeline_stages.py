@@ -19,6 +19,7 @@ from tests import helpers
 from unclip_jax import parallel
 from unclip_jax.data import embed
 from unclip_jax import tasks
+from unclip_jax.stages import load
 from unclip_jax.train import checkpointing
 from unclip_jax.train import state as state_lib
 
@@ -40,12 +41,15 @@ def _random_leaf(path, leaf, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_random_stage(config, workdir: str, *, seed: int = 0) -> str:
-    """Writes `config` and a step-1 checkpoint whose params are random (host numpy, nothing compiled).
+    """Writes `config`, the stage record and a step-1 checkpoint whose params are random (host
+    numpy, nothing compiled).
 
     The optimizer state is zeros; `params` and `ema_params` are the same random tree.
     """
     checkpointing.save_config(config, workdir)
     task = tasks.get_task(config, workdir)
+    described = task.describe()
+    load.write_record(workdir, config.stage, described["sizes"], described["depends_on"])
     mesh = parallel.mesh_from_config(config.mesh)
     rules = parallel.rules_from_config(config.mesh.rules)
     tx = state_lib.make_optimizer(config.train)

@@ -8,9 +8,9 @@ import pytest
 from configs import pipeline_shapes
 from tests import helpers, numerics, pipeline_stages
 from unclip_jax import pipeline as pipeline_lib
-from unclip_jax.tasks import prior as prior_task
-from unclip_jax.tasks import upsampler as upsampler_task
-from unclip_jax.train import restore
+from unclip_jax.stages import load
+from unclip_jax.stages.prior import PriorStage
+from unclip_jax.stages.upsampler import UpsamplerStage
 
 CAPTIONS = ["a large red circle in the center on a white background",
             "a blue triangle above a yellow cross on a gray background"]
@@ -136,12 +136,39 @@ def test_bad_settings_are_named(make, match):
 
 def test_missing_stage_checkpoint_names_the_stage_and_workdir(workdirs, tmp_path):
     missing = str(tmp_path / "no_decoder")
-    with pytest.raises(restore.NotTrainedError, match=r"stage 'decoder'.*no_decoder"):
+    with pytest.raises(load.NotTrainedError, match=r"stage 'decoder'.*no_decoder"):
         pipeline_lib.UnCLIPPipeline.from_workdirs(workdirs["clip"], workdirs["prior"], missing)
     empty = tmp_path / "empty_prior"
     empty.mkdir()
-    with pytest.raises(restore.NotTrainedError, match=r"stage 'prior'.*empty_prior"):
+    with pytest.raises(load.NotTrainedError, match=r"stage 'prior'.*empty_prior"):
         pipeline_lib.UnCLIPPipeline.from_workdirs(workdirs["clip"], str(empty), workdirs["decoder"])
+
+
+@pytest.mark.slow
+def test_sampling_reads_no_embedding_cache_and_builds_no_optimiser(pipe, workdirs, tmp_path, monkeypatch):
+    """Stage workdirs copied elsewhere, the CLIP's embedding cache deleted: the copies load (EMA
+    params only) and sample the same images as the originals."""
+    import shutil
+
+    from unclip_jax.train import state as state_lib
+
+    for name, path in workdirs.items():
+        shutil.copytree(path, tmp_path / name)
+    shutil.rmtree(tmp_path / "clip" / "cache")
+
+    def no_optimiser(*args, **kwargs):
+        raise AssertionError("sampling must not build an optimiser")
+
+    monkeypatch.setattr(state_lib, "make_optimizer", no_optimiser)
+    copy = pipeline_lib.UnCLIPPipeline.from_workdirs(
+        *(str(tmp_path / n) for n in ("clip", "prior", "decoder")), [str(tmp_path / "upsampler")],
+        batch_size=8, settings=pipeline_stages.fast_settings())
+    assert copy.resolved_settings()["stages"]["decoder"]["workdir"] == str(tmp_path / "decoder")
+    # The decoder records its CLIP relative to itself: the copy points at the copied CLIP.
+    assert copy.decoder.depends_on["clip_workdir"] == str(tmp_path / "clip")
+    ours = copy.generate([CAPTIONS[0]], seed=3)
+    theirs = pipe.generate([CAPTIONS[0]], seed=3)
+    np.testing.assert_array_equal(ours.base_images, theirs.base_images)
 
 
 def test_a_workdir_of_another_stage_is_named(workdirs):
@@ -153,17 +180,17 @@ def test_incompatible_stages_are_named(pipe, workdirs, tmp_path):
     config = helpers.tiny_config("upsampler")
     with config.unlocked():
         config.data.side, config.data.crop_size = 128, 32  # 32 -> 128 px after a 16 px decoder.
-    wrong_up = restore.Trained(config, upsampler_task.UpsamplerTask(config, str(tmp_path / "up")), None, 0, pipe.mesh)
+    wrong_up = load.Loaded(config, UpsamplerStage(config), None, 0, pipe.mesh)
     with pytest.raises(pipeline_lib.StageError, match=r"upsampler0.*32 px.*16 px"):
         pipeline_lib.UnCLIPPipeline(pipe.clip, pipe.prior, pipe.decoder, [wrong_up], mesh=pipe.mesh)
 
     prior_cfg = pipe.prior.config
-    other = prior_task.PriorTask.from_dims(prior_cfg, str(tmp_path / "p"), embed_dim=16, text_length=20,
-                                           text_width=32, eot_token_id=pipe.tokenizer.eot_token_id)
-    wrong_prior = restore.Trained(prior_cfg, other, None, 0, pipe.mesh)
+    other = PriorStage(prior_cfg, embed_dim=16, text_length=20, text_width=32,
+                       eot_token_id=pipe.tokenizer.eot_token_id)
+    wrong_prior = load.Loaded(prior_cfg, other, None, 0, pipe.mesh)
     with pytest.raises(pipeline_lib.StageError, match=r"stage 'prior'.*embed_dim"):
         pipeline_lib.UnCLIPPipeline(pipe.clip, wrong_prior, pipe.decoder, mesh=pipe.mesh)
-    with pytest.raises(pipeline_lib.StageError, match=r"stage 'decoder'.*expected a trained DecoderTask"):
+    with pytest.raises(pipeline_lib.StageError, match=r"stage 'decoder'.*expected a trained DecoderStage"):
         pipeline_lib.UnCLIPPipeline(pipe.clip, pipe.prior, pipe.prior, mesh=pipe.mesh)
 
 

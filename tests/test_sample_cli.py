@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample
 from tests import pipeline_stages
+from unclip_jax import sampling as sample
 from unclip_jax.data import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train_stack
+from unclip_jax.train import stack as train_stack
 
 
 @pytest.mark.slow

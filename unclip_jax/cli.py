@@ -18,6 +18,13 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..
                                   "(with --coordinator_address).")
 
 
+XLA_CPU_CONVOLUTIONS = flags.DEFINE_enum(
+    "xla_cpu_convolutions", "auto", ["auto", "eigen", "xla_default"],
+    "Convolution kernels of XLA's CPU backend (no effect on GPUs and TPUs): eigen (faster for the "
+    "UNets on the CPUs measured), xla_default (YNNPACK), auto (eigen on a jaxlib known to have "
+    "the option). See unclip_jax/cpu.py.")
+
+
 class _QuietLibraries(std_logging.Filter):
     """Drops INFO chatter of orbax, TFDS and grain (warnings and errors still show)."""
 
@@ -27,7 +34,11 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def start() -> None:
-    """Quiets library logging and, with --distributed, joins the multi-host job (before any device use)."""
+    """Sets the CPU backend's options, quiets library logging and, with --distributed, joins the
+    multi-host job. Call before anything uses a device."""
+    from unclip_jax import cpu
+
+    cpu.apply_xla_flags(XLA_CPU_CONVOLUTIONS.value)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if DISTRIBUTED.value or COORDINATOR_ADDRESS.value:
         import jax

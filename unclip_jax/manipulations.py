@@ -226,17 +226,18 @@ def _downsample_mask(masks: np.ndarray, side: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _repaint_body(task, *, guidance_scale: float, steps, num_resample: int, use_text: bool):
-    """Per-batch RePaint sampler `(params, rng, x0_known, mask, z_i, tokens) -> x_0 in [-1, 1]`."""
-    diff = task.config.diffusion
-    schedule = task.sample_schedule if steps is None else task.schedule.respace(steps)
+def _repaint_body(decoder, *, guidance_scale: float, steps, num_resample: int, use_text: bool):
+    """Per-batch RePaint sampler `(params, rng, x0_known, mask, z_i, tokens) -> x_0 in [-1, 1]`
+    with a `stages.decoder.DecoderStage`."""
+    diff = decoder.config.diffusion
+    schedule = decoder.schedule_for(steps)
     learned = bool(diff.learned_variance)
     n = schedule.num_steps
     sqrt_abar_prev = jnp.sqrt(schedule.alphas_cumprod_prev)
     sqrt_1m_abar_prev = jnp.sqrt(1.0 - schedule.alphas_cumprod_prev)
 
     def body(params, rng, known, mask, z_i, tokens):
-        model_fn = task.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=not use_text)
+        model_fn = decoder.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=not use_text)
         mask = mask[..., None].astype(jnp.float32)  # 1 = regenerate.
         noise_rng, rng = jax.random.split(rng)
         x = jax.random.normal(noise_rng, known.shape, jnp.float32)
@@ -301,10 +302,8 @@ def inpaint(pipe: UnCLIPPipeline, images, masks, captions: Sequence[str], *, num
     small_mask = rep(_downsample_mask(masks, s))
     dec = pipeline_lib.resolve(settings.decoder, pipe.decoder.config.diffusion)
     key = ("inpaint", INPAINT_STREAM, dec["guidance_scale"], dec["steps"], int(num_resample))
-    task = pipe.decoder.task
-
     def build():
-        body = _repaint_body(task, guidance_scale=float(dec["guidance_scale"]), steps=dec["steps"],
+        body = _repaint_body(pipe.decoder.stage, guidance_scale=float(dec["guidance_scale"]), steps=dec["steps"],
                              num_resample=int(num_resample), use_text=True)
         return lambda params, rng, known, m, z, tok: pixels.to_uint8(
             body(params, rng, known.astype(jnp.float32) / 127.5 - 1.0, m, z, tok))

@@ -302,3 +302,20 @@ def map_batches(fn, arrays: Sequence[np.ndarray], mesh: Mesh, batch_size: int) -
         chunks = [jax.device_put(pad_rows(np.asarray(c), dp), batch_sharding(mesh)) for c in chunks]
         out.append(to_host(fn(i, *chunks))[:rows])
     return np.concatenate(out, axis=0)
+
+
+class JitCache:
+    """Jitted functions built on first use, one per (mesh, key); outputs replicated on the mesh.
+
+    `cache(mesh, key, build)` returns `jax.jit(build(), out_shardings=<replicated on mesh>)`,
+    building it only the first time `key` (a tuple of the settings `build` depends on) is seen.
+    """
+
+    def __init__(self):
+        self._fns: dict = {}
+
+    def __call__(self, mesh: Mesh, key: tuple, build):
+        full_key = (mesh, *key)
+        if full_key not in self._fns:
+            self._fns[full_key] = jax.jit(build(), out_shardings=NamedSharding(mesh, P()))
+        return self._fns[full_key]

@@ -5,11 +5,11 @@
                         num_per_prompt=4)
     out.images  # uint8 [4, 128, 128, 3]
 
-The stages are `train.py` workdirs restored with their EMA params onto one mesh (or
-`restore.Trained` objects given directly). Every stage runs as one compiled program per setting
+The stages are `train.py` workdirs loaded with their EMA params onto one mesh (`stages.load`;
+or `load.Loaded` objects given directly). Every stage runs as one compiled program per setting
 (cached), over batches of rows sharded along the mesh's data axes (`parallel.map_batches`). The
-programs reuse the tasks' samplers (`PriorTask.sample_body`, `DecoderTask.sample_body`,
-`UpsamplerTask.sample_body`).
+programs are the stages' samplers (`PriorStage.sample_body`, `DecoderStage.sample_body`,
+`UpsamplerStage.sample_body`).
 
 Seeds: row r of a request (prompt p, sample k) gets the key fold_in(fold_in(key(seed), p), k)
 (`row_keys`), and each stage folds its own id into it. Each stage program is `jax.vmap`ped over
@@ -34,11 +34,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unclip_jax import parallel, paths
 from unclip_jax.data import images as image_lib
 from unclip_jax.diffusion import pixels
-from unclip_jax.tasks import clip as clip_task
-from unclip_jax.tasks import decoder as decoder_task
-from unclip_jax.tasks import prior as prior_task
-from unclip_jax.tasks import upsampler as upsampler_task
-from unclip_jax.train import checkpointing, restore
+from unclip_jax.stages import load
+from unclip_jax.stages.clip import ClipStage
+from unclip_jax.stages.decoder import DecoderStage
+from unclip_jax.stages.prior import PriorStage
+from unclip_jax.stages.upsampler import UpsamplerStage
+from unclip_jax.train import checkpointing
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 DATA_AXES = ("data", "fsdp")
@@ -200,11 +201,11 @@ def _stage_error(stage: str, workdir: str, message: str) -> StageError:
     return StageError(f"pipeline stage {stage!r} (workdir {workdir}): {message}")
 
 
-def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str = "ema") -> restore.Trained:
-    """`restore.load_trained` with errors naming the pipeline stage and its workdir.
+def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str = "ema") -> load.Loaded:
+    """`load.load_stage` with errors naming the pipeline stage and its workdir.
 
     Raises:
-      restore.NotTrainedError: the workdir, its config or its checkpoint is missing.
+      load.NotTrainedError: the workdir, its config or its checkpoint is missing.
       StageError: the workdir trained another stage, or its checkpoint (or the CLIP cache it
         needs) does not fit its config.
     """
@@ -217,9 +218,9 @@ def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str
         raise _stage_error(stage, workdir, f"it holds a trained {stored.get('stage')!r} stage, "
                                            f"not a {expected!r}: check the pipeline config")
     try:
-        return restore.load_trained(workdir, mesh=mesh, which=which)
-    except restore.NotTrainedError as e:
-        raise restore.NotTrainedError(f"pipeline stage {stage!r}: {e}") from e
+        return load.load_stage(workdir, which, mesh=mesh)
+    except load.NotTrainedError as e:
+        raise load.NotTrainedError(f"pipeline stage {stage!r}: {e}") from e
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise _stage_error(stage, workdir, f"cannot be loaded: {e}") from e
 
@@ -230,8 +231,8 @@ def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str
 class UnCLIPPipeline:
     """The unCLIP cascade over trained stages, sampling in sharded batches of `batch_size` rows."""
 
-    def __init__(self, clip: restore.Trained, prior: restore.Trained, decoder: restore.Trained,
-                 upsamplers: Sequence[restore.Trained] = (), *, mesh: Mesh | None = None,
+    def __init__(self, clip: load.Loaded, prior: load.Loaded, decoder: load.Loaded,
+                 upsamplers: Sequence[load.Loaded] = (), *, mesh: Mesh | None = None,
                  batch_size: int = 64, settings: Settings | None = None):
         """Joins trained stages (see `load_stage`); their params must live on `mesh` (default: the CLIP's)."""
         self.clip, self.prior, self.decoder = clip, prior, decoder
@@ -267,59 +268,59 @@ class UnCLIPPipeline:
 
     def _check_stages(self):
         def fail(stage, trained, message):
-            raise _stage_error(stage, trained.task.workdir, message)
+            raise _stage_error(stage, trained.workdir, message)
 
-        for stage, trained, kind in (("clip", self.clip, clip_task.ClipTask),
-                                     ("prior", self.prior, prior_task.PriorTask),
-                                     ("decoder", self.decoder, decoder_task.DecoderTask),
-                                     *((f"upsampler{j}", u, upsampler_task.UpsamplerTask)
+        for stage, trained, kind in (("clip", self.clip, ClipStage),
+                                     ("prior", self.prior, PriorStage),
+                                     ("decoder", self.decoder, DecoderStage),
+                                     *((f"upsampler{j}", u, UpsamplerStage)
                                        for j, u in enumerate(self.upsamplers))):
-            if not isinstance(trained.task, kind):
+            if not isinstance(trained.stage, kind):
                 fail(stage, trained, f"expected a trained {kind.__name__}, got stage "
                                      f"{trained.config.get('stage')!r}")
-        model = self.clip.task.model
+        model = self.clip.stage.model
         dims = {"embed_dim": int(model.embed_dim), "text_length": int(model.context_length),
                 "text_width": int(model.text_width)}
-        prior = self.prior.task
+        prior = self.prior.stage
         got = {"embed_dim": prior.embed_dim, "text_length": prior.text_length, "text_width": prior.text_width}
         if got != dims:
             fail("prior", self.prior, f"trained on a CLIP with {got}, but the pipeline's CLIP "
-                                      f"({self.clip.task.workdir}) has {dims}")
-        dec = self.decoder.task
+                                      f"({self.clip.workdir}) has {dims}")
+        dec = self.decoder.stage
         got = {"embed_dim": dec.clip_dim, "text_length": dec.text_length}
         want = {k: dims[k] for k in got}
         if got != want:
             fail("decoder", self.decoder, f"trained on a CLIP with {got}, but the pipeline's CLIP "
-                                          f"({self.clip.task.workdir}) has {want}")
-        clip_dir = paths.resolve(self.clip.task.workdir)
+                                          f"({self.clip.workdir}) has {want}")
+        clip_dir = self.clip.workdir
         for stage, trained in (("prior", self.prior), ("decoder", self.decoder)):
-            theirs = paths.resolve(trained.config.get("clip_workdir", clip_dir))
+            theirs = trained.depends_on.get("clip_workdir", clip_dir) if trained.workdir else clip_dir
             if theirs != clip_dir:
                 logging.warning("pipeline stage %r was trained on the CLIP of %s, not %s: the "
                                 "embedding spaces must be the same", stage, theirs, clip_dir)
         side = dec.side
         for j, up in enumerate(self.upsamplers):
-            low = up.task.side // up.task.scale
+            low = up.stage.side // up.stage.scale
             if low != side:
-                fail(f"upsampler{j}", up, f"upsamples {low} px images to {up.task.side} px, but "
+                fail(f"upsampler{j}", up, f"upsamples {low} px images to {up.stage.side} px, but "
                                           f"its input here is {side} px")
-            side = up.task.side
+            side = up.stage.side
 
     # ------------------------------------------------------------------ properties
     @property
     def tokenizer(self):
         """The CLIP's tokenizer (captions -> int32 [N, context_length])."""
-        return self.clip.task.tokenizer
+        return self.clip.stage.tokenizer
 
     @property
     def base_size(self) -> int:
         """Side of the decoder's images (px)."""
-        return int(self.decoder.task.side)
+        return int(self.decoder.stage.side)
 
     @property
     def image_size(self) -> int:
         """Side of the final images (px)."""
-        return int(self.upsamplers[-1].task.side) if self.upsamplers else self.base_size
+        return int(self.upsamplers[-1].stage.side) if self.upsamplers else self.base_size
 
     def resolved_settings(self, settings: Settings | None = None) -> dict[str, Any]:
         """The concrete settings every stage samples with, and each stage's workdir and step (JSON)."""
@@ -327,7 +328,7 @@ class UnCLIPPipeline:
         stages = [("clip", self.clip), ("prior", self.prior), ("decoder", self.decoder),
                   *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))]
         return {
-            "stages": {name: {"workdir": paths.resolve(t.task.workdir), "step": int(t.step),
+            "stages": {name: {"workdir": t.workdir, "step": int(t.step),
                               "params": t.which} for name, t in stages},
             "prior": resolve(s.prior, self.prior.config.diffusion),
             "decoder": resolve(s.decoder, self.decoder.config.diffusion),
@@ -335,7 +336,7 @@ class UnCLIPPipeline:
         }
 
     # ------------------------------------------------------------------ programs
-    def program(self, key: tuple, trained: restore.Trained, build: Callable[[], Callable]) -> Callable:
+    def program(self, key: tuple, trained: load.Loaded, build: Callable[[], Callable]) -> Callable:
         """A cached jitted per-row program `(params, keys [B, k], *inputs [B, ...]) -> [B, ...]`.
 
         `build()` returns `f(params, rng, *rows)` on a batch of ONE row; the program vmaps it over
@@ -383,7 +384,7 @@ class UnCLIPPipeline:
 
         (The two outputs travel through `map_batches` as one [N, D + L * W] array.)"""
         if ("clip_text",) not in self._programs:
-            model = self.clip.task.model
+            model = self.clip.stage.model
 
             def encode(params, tokens):
                 return model.apply({"params": params}, tokens, return_hidden=True, method=model.encode_text)
@@ -399,20 +400,20 @@ class UnCLIPPipeline:
         run = self._programs[("clip_text",)]
         out = parallel.map_batches(lambda _, t: run(self.clip.params, t), [np.asarray(tokens, np.int32)],
                                    self.mesh, self.batch_size)
-        d = int(self.clip.task.model.embed_dim)
+        d = int(self.clip.stage.model.embed_dim)
         return out[:, :d], out[:, d:].reshape(len(out), tokens.shape[1], -1)
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]."""
-        images = resize(check_images(images), self.clip.task.side)
+        images = resize(check_images(images), self.clip.stage.side)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
-            return self.clip.task.embed(self.clip.params, self.mesh, images=images)
+            return self.clip.stage.embed(self.clip.params, self.mesh, images=images, batch_size=self.batch_size)
 
     def sample_z_i(self, z_t: np.ndarray, text_hidden: np.ndarray, tokens: np.ndarray, keys: np.ndarray,
                    settings: PriorSettings | None = None) -> np.ndarray:
         """The prior: unit z_i [N, D] from z_t [N, D], text hidden [N, L, W], tokens [N, L], row keys."""
         s = resolve(settings or self.settings.prior, self.prior.config.diffusion)
-        task = self.prior.task
+        task = self.prior.stage
         key = ("prior", PRIOR_STREAM, s["guidance_scale"], s["best_of"], s["sampler"], s["steps"])
 
         def build():
@@ -431,7 +432,7 @@ class UnCLIPPipeline:
         x_T [N, s, s, 3] (e.g. from `invert`) replaces the initial noise.
         """
         s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
-        task = self.decoder.task
+        task = self.decoder.stage
         use_text = tokens is not None
         if tokens is None:
             tokens = np.zeros((len(z_i), task.text_length), np.int32)
@@ -458,7 +459,7 @@ class UnCLIPPipeline:
         """
         images = check_images(images)
         s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
-        task = self.decoder.task
+        task = self.decoder.stage
         images = resize(images, task.side)
         use_text = tokens is not None
         if tokens is None:
@@ -484,7 +485,7 @@ class UnCLIPPipeline:
             key = ("upsampler", UPSAMPLER_STREAM + j, s["sampler"], s["steps"], s["eta"])
 
             def build(up=up, s=s):
-                body = up.task.sample_body(sampler=s["sampler"], steps=s["steps"], eta=s["eta"])
+                body = up.stage.sample_body(sampler=s["sampler"], steps=s["steps"], eta=s["eta"])
                 return lambda params, rng, low: pixels.to_uint8(body(params, low, rng))
 
             images = self.map_rows(self.program(key, up, build), up.params, keys, [images])

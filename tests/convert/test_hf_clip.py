@@ -5,6 +5,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file, save_file
 
@@ -13,7 +14,7 @@ from tests.convert import hf_fixtures
 from unclip_jax.convert import hf_clip
 from unclip_jax.data import images as image_lib
 from unclip_jax.data import tokenizer as tokenizer_lib
-from unclip_jax.train import restore
+from unclip_jax.stages import load
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,16 @@ def _edit_config(path, **text_or_vision):
 def test_workdir_restores_with_the_imported_weights(hf_dir, tmp_path):
     workdir = str(tmp_path / "imported")
     config = hf_clip.write_clip_workdir(hf_dir, workdir, clip_vit_l14.get_config("clip"))
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "tokenizer"]
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "stage.json", "tokenizer"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary left
+    # Params and EMA params, no optimiser state (nothing was trained).
+    with ocp.StandardCheckpointer() as ckpt:
+        assert sorted(ckpt.metadata(os.path.join(workdir, "checkpoints", "0", "state")).item_metadata.tree) == [
+            "ema_params", "params", "step"]
     assert config.model.image_size == 32 and config.model.vision_width == 32
     assert config.preprocess.resize_size == 36 and tuple(config.preprocess.mean) == (0.5, 0.4, 0.3)
 
-    trained = restore.load_trained(workdir)
+    trained = load.load_stage(workdir)
     assert trained.step == 0 and trained.config.imported_from == hf_dir
     weights = load_file(os.path.join(hf_dir, "model.safetensors"))
     params = jax.device_get(trained.params)
@@ -54,7 +59,7 @@ def test_workdir_restores_with_the_imported_weights(hf_dir, tmp_path):
     np.testing.assert_array_equal(
         q, weights["text_model.encoder.layers.1.self_attn.q_proj.weight"].T.reshape(24, 4, 6))
     table = params["text_model"]["token_embedding"]["embedding"]
-    vocab = trained.task.tokenizer.vocab_size
+    vocab = trained.stage.tokenizer.vocab_size
     assert table.shape[0] == hf_clip.padded_vocab_rows(vocab) > vocab
     np.testing.assert_array_equal(table[:vocab], weights["text_model.embeddings.token_embedding.weight"])
     assert not table[vocab:].any()
@@ -62,8 +67,8 @@ def test_workdir_restores_with_the_imported_weights(hf_dir, tmp_path):
         params["vision_model"]["patch_embedding"]["kernel"],
         weights["vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0))
     # The imported tokenizer directory loads with the checkpoint's context length.
-    assert trained.task.tokenizer.context_length == 16
-    assert trained.task.tokenizer(["a photo of a cat"]).shape == (1, 16)
+    assert trained.stage.tokenizer.context_length == 16
+    assert trained.stage.tokenizer(["a photo of a cat"]).shape == (1, 16)
 
     with pytest.raises(FileExistsError, match="not empty"):
         hf_clip.write_clip_workdir(hf_dir, workdir, clip_vit_l14.get_config("clip"))
@@ -74,7 +79,7 @@ def test_scanned_layers_import_too(hf_dir, tmp_path):
     with template.unlocked():
         template.model.scan_layers = True
     hf_clip.write_clip_workdir(hf_dir, str(tmp_path / "scanned"), template)
-    trained = restore.load_trained(str(tmp_path / "scanned"))
+    trained = load.load_stage(str(tmp_path / "scanned"))
     assert trained.params["vision_model"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"].shape == (2, 32, 64)
 
 

@@ -15,7 +15,7 @@ from tests import numerics  # noqa: E402
 from tests.convert import hf_fixtures  # noqa: E402
 from unclip_jax.convert import hf_clip  # noqa: E402
 from unclip_jax.data import images as image_lib  # noqa: E402
-from unclip_jax.train import restore  # noqa: E402
+from unclip_jax.stages import load  # noqa: E402
 
 # Odd sides, upscaling, and long sides that round differently from nearest (41 * 37 / 29 = 52.3).
 IMAGE_SHAPES = [(29, 41), (64, 64), (20, 33), (70, 35), (38, 37)]
@@ -66,8 +66,8 @@ def test_embeddings_and_logits_match_transformers(tmp_path, activation, image_si
                                           context_length=20, legacy_eos=legacy_eos, mlp_ratio=4)
     workdir = str(tmp_path / "imported")
     hf_clip.write_clip_workdir(hf_dir, workdir, clip_vit_l14.get_config("clip"))
-    trained = restore.load_trained(workdir)
-    task, params = trained.task, trained.params
+    trained = load.load_stage(workdir)
+    task, params = trained.stage, trained.params
     assert task.model.activation == activation
     assert task.model.eot_pooling == ("argmax" if legacy_eos else "eot_id")
 

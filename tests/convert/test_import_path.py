@@ -17,7 +17,7 @@ from unclip_jax.data import embedding_cache
 from unclip_jax.data import webdataset
 from unclip_jax.data import embed
 from unclip_jax.train import loop
-from unclip_jax.train import restore
+from unclip_jax.stages import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,15 +89,15 @@ def test_import_cache_train_and_sample_on_shards(tmp_path, caplog):
         assert all(np.isfinite(v) for v in losses.values())
 
     # 5. Sample: caption -> imported CLIP text tower -> prior z_i -> decoder image.
-    clip = restore.load_trained(clip_workdir)
-    prior, decoder = restore.load_trained(prior_dir), restore.load_trained(decoder_dir)
-    tokens = clip.task.tokenizer(["a red cat", "a blue square"] * 4)
-    model = clip.task.model
+    clip = load.load_stage(clip_workdir)
+    prior, decoder = load.load_stage(prior_dir), load.load_stage(decoder_dir)
+    tokens = clip.stage.tokenizer(["a red cat", "a blue square"] * 4)
+    model = clip.stage.model
     with jax.set_mesh(clip.mesh), nn.logical_axis_rules(clip.rules):
         z_t, hidden = model.apply({"params": clip.params}, tokens, return_hidden=True,
                                   method=model.encode_text)
-    records = {"z_t": np.asarray(z_t), "text_hidden": np.asarray(hidden), "tokens": tokens}
-    z_i = prior.task.sample_z_i(prior.params, prior.mesh, records, jax.random.key(0))
+    z_i = prior.stage.sample(prior.params, prior.mesh, np.asarray(z_t), np.asarray(hidden), tokens,
+                             jax.random.key(0))
     np.testing.assert_allclose(np.linalg.norm(z_i, axis=-1), 1.0, rtol=1e-4)
-    images = decoder.task.decode(decoder.params, decoder.mesh, z_i, tokens, jax.random.key(1))
+    images = decoder.stage.decode(decoder.params, decoder.mesh, z_i, tokens, jax.random.key(1))
     assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8

@@ -10,7 +10,7 @@ from tests.train import tiny_clip
 from unclip_jax.data import embedding_cache as ec
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import embed
-from unclip_jax.train import restore
+from unclip_jax.stages import load
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
     assert sorted(summaries) == ["train", "validation"]
     assert summaries["train"].chunks_written == 3 and summaries["train"].invalid == {}
 
-    trained = restore.load_trained(workdir)
-    task, model = trained.task, trained.task.model
+    trained = load.load_stage(workdir)
+    task, model = trained.stage, trained.stage.model
     meta = ec.read_metadata(cache_dir, "train")
     assert meta["clip_step"] == 2 and meta["clip_workdir"] == workdir
     assert (meta["embed_dim"], meta["context_length"], meta["text_width"]) == (
@@ -67,7 +67,7 @@ def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
 
 
 def test_non_clip_workdir_is_a_clear_error(workdir, tmp_path):
-    with pytest.raises(restore.NotTrainedError, match="does not exist"):
+    with pytest.raises(load.NotTrainedError, match="does not exist"):
         embed.build_clip_cache(str(tmp_path / "nowhere"), str(tmp_path / "cache"))
     other = tmp_path / "prior"
     shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("checkpoints"))

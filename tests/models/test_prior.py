@@ -11,7 +11,8 @@ from tests import numerics
 from tests.models.param_checks import assert_every_param_named
 from unclip_jax import parallel
 from unclip_jax.models import layers
-from unclip_jax.models.prior import DiffusionPrior, prior_from_config, timestep_embedding
+from unclip_jax.models.layers import timestep_embedding
+from unclip_jax.models.prior import DiffusionPrior, prior_from_config
 
 BATCH, D, TEXT_WIDTH, L = 4, 16, 24, 8
 TINY = dict(embed_dim=D, text_width=TEXT_WIDTH, text_length=L, width=32, depth=2, num_heads=4)

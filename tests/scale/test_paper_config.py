@@ -46,7 +46,7 @@ def test_topology_options_and_errors():
     assert tuple(paper.get_config("decoder,v5p256").mesh.shape) == (1, -1, 1)
     gpu = paper.get_config("decoder,gpu8")
     assert tuple(gpu.mesh.shape) == (1, 8, 1)
-    assert gpu.train.batch_size // gpu.train.grad_accum_steps == 8 * 16
+    assert gpu.train.batch_size // gpu.train.grad_accum_steps == 8 * 8  # 8 images a GPU at a time.
     v5e = paper.get_config("decoder,v5e256")  # 16 GiB chips: 2 examples a chip at a time.
     assert v5e.train.batch_size // v5e.train.grad_accum_steps // 256 == 2
     with pytest.raises(ValueError, match="unknown variant"):

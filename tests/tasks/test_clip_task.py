@@ -5,6 +5,7 @@ import numpy as np
 
 from configs import shapes as shapes_config
 from unclip_jax import parallel
+from unclip_jax.stages import clip as clip_stage
 from unclip_jax.tasks import clip as clip_task
 
 
@@ -25,7 +26,7 @@ def test_contrastive_loss_over_the_global_batch_when_sharded():
     z_t[:8] = z_i[:8]  # Half the pairs match, so the loss is far from log(16).
     mesh = parallel.make_mesh((8, 1, 1))
     sharded = [jax.device_put(jnp.asarray(z, jnp.float32), parallel.batch_sharding(mesh)) for z in (z_i, z_t)]
-    loss, metrics = jax.jit(clip_task.contrastive_loss)(*sharded, jnp.float32(10.0))
+    loss, metrics = jax.jit(clip_stage.contrastive_loss)(*sharded, jnp.float32(10.0))
     # Per-device losses (2 rows each) would be much smaller: this is the 16 x 16 loss.
     np.testing.assert_allclose(float(loss), reference_loss(z_i, z_t, 10.0), rtol=1e-5)
     assert 0.5 <= float(metrics["image_to_text_acc"]) <= 1.0
@@ -34,7 +35,7 @@ def test_contrastive_loss_over_the_global_batch_when_sharded():
 def test_task_tokenizes_and_pads_vocab_for_sharding(tmp_path):
     config = shapes_config.get_config("clip,tiny")
     task = clip_task.ClipTask(config, str(tmp_path))
-    assert task.model.vocab_size % 128 == 0 and task.model.vocab_size >= task.tokenizer.vocab_size
+    assert task.stage.model.vocab_size % 128 == 0 and task.stage.model.vocab_size >= task.tokenizer.vocab_size
     ex = task.map_example({"image": np.zeros((40, 48, 3), np.uint8), "caption": b"a red circle"})
     assert ex["image"].shape == (32, 32, 3) and ex["image"].dtype == np.uint8
     assert ex["tokens"].shape == (config.tokenizer.context_length,) and ex["tokens"].dtype == np.int32

@@ -38,7 +38,7 @@ def test_decoder_evaluation_judges_decoded_images_and_writes_a_grid(clip_with_ca
 
 
 def _task_with_random_params(config, tmp_path):
-    """A decoder task, perturbed init params (a zero-init output would hide the conditioning), the
+    """A decoder stage, perturbed init params (a zero-init output would hide the conditioning), the
     conditioning of 4 validation examples, and x_t, t for one model call."""
     task = decoder_task.DecoderTask(config, str(tmp_path))
     params = parallel.unbox(task.init_params(jax.random.key(0)))
@@ -46,9 +46,9 @@ def _task_with_random_params(config, tmp_path):
     source = task.source("validation")
     items = [source[i] for i in range(4)]
     batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
-    x = jax.random.normal(jax.random.key(2), (4, task.side, task.side, 3))
+    x = jax.random.normal(jax.random.key(2), (4, task.stage.side, task.stage.side, 3))
     t = jnp.full((4,), 500, jnp.int32)
-    return task, params, batch, x, t
+    return task.stage, params, batch, x, t
 
 
 @pytest.mark.slow
@@ -92,17 +92,17 @@ def test_decoder_without_text_pathway_conditions_on_z_i_only(tmp_path):
     with config.unlocked():
         config.model.text_depth = 0
         config.mesh.num_devices = 1
-    task = decoder_task.DecoderTask.from_dims(config, str(tmp_path), clip_dim=16, text_length=8,
-                                              vocab_size=100, eot_token_id=99)
+    task = decoder_task.DecoderTask(config, str(tmp_path), dict(clip_dim=16, text_length=8,
+                                                                vocab_size=100, eot_token_id=99))
     params = parallel.unbox(task.init_params(jax.random.key(0)))
     assert not any("text" in k for k in params)
-    b, s = 2, task.side
+    b, s = 2, task.stage.side
     batch = {"image": jnp.zeros((b, s, s, 3), jnp.uint8), "z_i": jax.random.normal(jax.random.key(1), (b, 16)),
              "tokens": jnp.ones((b, 8), jnp.int32)}
     loss, _ = task.loss_fn(params, batch, jax.random.key(2), 0)
     assert np.isfinite(float(loss))
-    images = task.sample_fn(parallel.mesh_from_config(config.mesh), 2.0)(params, batch["z_i"], batch["tokens"],
-                                                            jax.random.key(3))
+    images = jax.jit(task.stage.sample_body(guidance_scale=2.0))(params, batch["z_i"], batch["tokens"],
+                                                                 jax.random.key(3))
     assert images.shape == (b, s, s, 3) and bool(jnp.all(jnp.abs(images) <= 1))
 
 
@@ -122,12 +122,12 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     exactly that resize, and a high-res image equal to it has a zero target."""
     from unclip_jax.models import unet as unet_lib
     from unclip_jax.diffusion import pixels
-    from unclip_jax.tasks import upsampler as upsampler_task
+    from unclip_jax.stages.upsampler import UpsamplerStage
 
     config = config_for("upsampler")
     with config.unlocked():
         config.diffusion.residual, config.diffusion.param = True, "x0"
-    task = upsampler_task.UpsamplerTask(config, str(tmp_path))
+    task = UpsamplerStage(config)
     params = parallel.unbox(task.init_params(jax.random.key(0)))
     low = jax.random.randint(jax.random.key(1), (2, 8, 8, 3), 0, 256).astype(jnp.uint8)
     out = task.sample_body()(params, low, jax.random.key(2))
@@ -137,5 +137,5 @@ def test_residual_upsampler_diffuses_the_difference_to_the_resized_input(tmp_pat
     np.testing.assert_allclose(out, resized, atol=1e-5)
     with config.unlocked():
         config.diffusion.residual = False
-    plain = upsampler_task.UpsamplerTask(config, str(tmp_path)).sample_body()(params, low, jax.random.key(2))
+    plain = UpsamplerStage(config).sample_body()(params, low, jax.random.key(2))
     np.testing.assert_allclose(plain, 0.0, atol=1e-5)  # the image itself: the zero model's x0

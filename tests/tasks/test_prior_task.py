@@ -10,6 +10,7 @@ from tests import helpers
 from tests.train import tiny_clip
 from unclip_jax import parallel
 from unclip_jax.diffusion import samplers
+from unclip_jax.stages import prior as prior_stage
 from unclip_jax.tasks import prior as prior_task
 from unclip_jax.train import loop
 
@@ -54,7 +55,7 @@ def test_best_of_k_keeps_the_candidate_closest_to_z_t():
     z_t = jnp.array([[1.0, 0.0], [0.0, 1.0]])
     z_i = jnp.array([[[0.0, 1.0], [0.6, 0.8]],    # second candidate is closer to z_t[0]
                      [[0.6, 0.8], [1.0, 0.0]]])   # first candidate is closer to z_t[1]
-    np.testing.assert_allclose(prior_task.best_of_k(z_i, z_t), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(prior_stage.best_of_k(z_i, z_t), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -65,20 +66,21 @@ def test_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                           is_leaf=lambda x: hasattr(x, "unbox"))
     rng = np.random.default_rng(0)
-    b, length = 4, task.text_length
-    z_t = jnp.asarray(rng.normal(size=(b, task.embed_dim)), jnp.float32)
-    hidden = jnp.asarray(rng.normal(size=(b, length, task.text_width)), jnp.float32)
+    stage = task.stage
+    b, length = 4, stage.text_length
+    z_t = jnp.asarray(rng.normal(size=(b, stage.embed_dim)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, length, stage.text_width)), jnp.float32)
     mask = jnp.ones((b, length), bool)
     drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
     two = lambda x: jnp.concatenate([x, x])  # noqa: E731
 
     def cond(x, t):
-        return task.model.apply({"params": params}, x, t, z_t, hidden, mask)
+        return stage.model.apply({"params": params}, x, t, z_t, hidden, mask)
 
     def cond_uncond(x, t):
-        return task.model.apply({"params": params}, x, t, two(z_t), two(hidden), two(mask), drop)
+        return stage.model.apply({"params": params}, x, t, two(z_t), two(hidden), two(mask), drop)
 
-    x = jnp.asarray(rng.normal(size=(b, task.embed_dim)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(b, stage.embed_dim)), jnp.float32)
     t = jnp.full((b,), 500, jnp.int32)
     # Equal up to float rounding (a batch of 2B is blocked differently from a batch of B).
     np.testing.assert_allclose(samplers.guided(cond_uncond, 1.0)(x, t), cond(x, t), rtol=1e-5, atol=1e-5)
@@ -89,7 +91,7 @@ def test_guidance_scale_one_is_the_conditional_model(clip_with_cache, tmp_path):
     records = {"z_t": np.asarray(z_t), "text_hidden": np.asarray(hidden),
                "tokens": np.zeros((b, length), np.int32)}
     z = task.sample_z_i(params, mesh, records, jax.random.key(1), guidance_scale=1.0, best_of=2)
-    assert z.shape == (b, task.embed_dim)
+    assert z.shape == (b, stage.embed_dim)
     np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, rtol=1e-5)
 
 

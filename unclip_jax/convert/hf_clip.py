@@ -15,9 +15,10 @@ tanh-GELU, class-token pooling, learned position embeddings, bias-free projectio
 scale, the same MLP ratio and activation in both towers, LayerNorm epsilon 1e-5.
 
 `write_clip_workdir` writes a directory that every consumer of a trained CLIP accepts (the
-`clip_workdir` of the prior and decoder configs, `embed.py`, `restore.load_trained`): `config.json`
-(a CLIP stage config with the imported sizes and preprocessing), `tokenizer/` and an orbax train
-state at step 0 under `checkpoints/` whose params and EMA params are both the imported weights.
+`clip_workdir` of the prior and decoder configs, `embed.py`, `stages.load`): `config.json`
+(a CLIP stage config with the imported sizes and preprocessing), `stage.json`, `tokenizer/` and an
+orbax checkpoint at step 0 under `checkpoints/` whose params and EMA params are both the imported
+weights (no optimiser state: fine-tune from it with `train.init_from`).
 
 Name mapping (Hugging Face -> here; linear weights are transposed, attention weights split into
 heads, the patch convolution goes from OIHW to HWIO):
@@ -534,13 +535,11 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
     Raises CheckpointMismatchError (every difference listed), FileNotFoundError, FileExistsError.
     """
     import jax
-    from flax import linen as nn
 
     from unclip_jax import parallel
     from unclip_jax.models import layers
-    from unclip_jax.tasks import clip as clip_task
+    from unclip_jax.stages import load
     from unclip_jax.train import checkpointing
-    from unclip_jax.train import state as state_lib
 
     hf_dir = _check_dir(hf_dir)
     workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
@@ -559,24 +558,26 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
         config = clip_config(template, imported, tokenizer)
         config.train.num_steps = 0  # Imported, not trained here.
         checkpointing.save_config(config, tmp)
+        sizes = {"vocab_size": tokenizer.vocab_size, "eot_token_id": tokenizer.eot_token_id,
+                 "context_length": tokenizer.context_length, "eot_pooling": imported.model["eot_pooling"]}
+        stage = load.build_stage(config, sizes, tokenizer)
+        # Recorded relative to the workdir: the renamed directory finds its tokenizer.
+        load.write_record(tmp, "clip", sizes, {"tokenizer": os.path.join(tmp, TOKENIZER_DIR)})
 
-        task = clip_task.ClipTask(config, tmp)
         mesh = parallel.mesh_from_config(config.mesh)
         rules = parallel.rules_from_config(config.mesh.rules)
-        tx = state_lib.make_optimizer(config.train)
         params = imported.params
         if bool(config.model.get("scan_layers", False)):
             params = jax.tree.map(np.asarray, layers.stack_layer_params(params))
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            abstract = state_lib.abstract_train_state(task, tx, jax.random.key(0), mesh, rules)
-            differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
-                                                          checkpointing._flat_shapes(abstract.params))
-            if differences:  # A bug in the mapping above, not in the user's checkpoint.
-                raise CheckpointMismatchError(hf_dir, [f"converted params vs the CLIP module: {d}"
-                                                       for d in differences])
-            params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract.params, params)
-            state = jax.jit(lambda p: state_lib.create_state(p, tx),
-                            out_shardings=state_lib.state_shardings(abstract))(params)
+        abstract = load.abstract_params(stage, mesh, rules)
+        differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
+                                                      checkpointing._flat_shapes(abstract))
+        if differences:  # A bug in the mapping above, not in the user's checkpoint.
+            raise CheckpointMismatchError(hf_dir, [f"converted params vs the CLIP module: {d}"
+                                                   for d in differences])
+        params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract, params)
+        # Params and EMA params (the same: nothing was trained), no optimiser state.
+        state = {"step": np.zeros((), np.int32), "params": params, "ema_params": params}
         with checkpointing.Checkpointer(os.path.join(tmp, "checkpoints"), max_to_keep=None,
                                         async_save=False) as ckpt:
             ckpt.save(0, state, config=config)

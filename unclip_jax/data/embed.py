@@ -22,14 +22,35 @@ from unclip_jax import parallel, paths
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import tfds_builders
-from unclip_jax.tasks import clip as clip_task
+from unclip_jax.stages import load
+from unclip_jax.stages.clip import ClipStage
 from unclip_jax.train import checkpointing
-from unclip_jax.train import restore
 
 DEFAULT_SPLITS = ("train", "validation", "heldout")
 
 
-def _encoding_mesh_and_params(trained: restore.Trained):
+class PreprocessedSource:
+    """A random-access source whose examples come out decoded and preprocessed by `fn`.
+
+    `source[i]` -> `{"image": uint8 [S, S, 3], "caption": str}` with `(image, caption) =
+    fn(raw_source[i])`; an unreadable example raises `ValueError` when it is read.
+    """
+
+    def __init__(self, source, fn):
+        self.source, self.fn = source, fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i) -> dict[str, Any]:
+        image, caption = self.fn(self.source[i])
+        return {"image": image, "caption": caption}
+
+    def __repr__(self) -> str:
+        return f"PreprocessedSource({self.source!r})"
+
+
+def _encoding_mesh_and_params(trained: load.Loaded):
     """Each process encodes its own chunks alone, so with several hosts the params are gathered
     and replicated over this host's devices (no collective runs while encoding)."""
     if jax.process_count() == 1:
@@ -41,17 +62,17 @@ def _encoding_mesh_and_params(trained: restore.Trained):
     return mesh, parallel.replicate(host_params, mesh)
 
 
-def make_encode_fn(trained: restore.Trained, *, text_hidden_dtype: str = "float16"):
+def make_encode_fn(trained: load.Loaded, *, text_hidden_dtype: str = "float16"):
     """The cache's `encode_fn` for a trained CLIP; returns `(encode_fn, mesh)`.
 
     `encode_fn(images uint8 [B, H, W, 3], captions list[str])` -> numpy dict: `z_i`, `z_t`
     float32 [B, D] (unit norm), `text_hidden` [B, L, W] (`text_hidden_dtype`; the text tower's
     final LayerNormed states) and `tokens` int32 [B, L]. Images are normalised exactly as in
-    training (`ClipTask.normalize`: the CLIP's own mean and std). B must be a multiple of the
+    training (`ClipStage.normalize`: the CLIP's own mean and std). B must be a multiple of the
     mesh's data-parallel size.
     """
-    task = trained.task
-    if not isinstance(task, clip_task.ClipTask):
+    task = trained.stage
+    if not isinstance(task, ClipStage):
         raise ValueError(f"expected a trained CLIP, got stage {trained.config.stage!r}")
     model, tokenizer = task.model, task.tokenizer
     mesh, params = _encoding_mesh_and_params(trained)
@@ -113,7 +134,7 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
     if stored is not None and stored.get("stage") != "clip":
         raise ValueError(f"{clip_workdir} trained stage {stored.get('stage')!r}, not 'clip': "
                          "pass a CLIP workdir as clip_workdir")
-    trained = restore.load_trained(clip_workdir, step=step)
+    trained = load.load_stage(clip_workdir, step=step)
     encode_fn, mesh = make_encode_fn(trained, text_hidden_dtype=text_hidden_dtype)
     dp = parallel.data_parallel_size(mesh)
     if batch_size % dp:
@@ -121,7 +142,7 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
         logging.info("batch_size %d rounded up to %d (a multiple of %d devices)", batch_size,
                      rounded, dp)
         batch_size = rounded
-    config, model = trained.config, trained.task.model
+    config, model = trained.config, trained.stage.model
     summaries = {}
     for split in splits:
         try:
@@ -134,12 +155,12 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
             "clip_workdir": clip_workdir, "clip_step": trained.step, "clip_params": trained.which,
             "embed_dim": int(model.embed_dim), "context_length": int(model.context_length),
             "text_width": int(model.text_width), "image_size": int(config.model.image_size),
-            "tokenizer_dir": trained.task.tokenizer.path,
+            "tokenizer_dir": trained.stage.tokenizer.path,
             "source": describe_source(config.data, split, source),
         }
         # Decoded, resized and cropped as the CLIP task does (an imported CLIP's own preprocessing).
         summaries[split] = embedding_cache.build_cache(
-            trained.task.preprocessed_source(source), encode_fn, cache_dir, split, num_examples=n,
+            PreprocessedSource(source, trained.stage.decode), encode_fn, cache_dir, split, num_examples=n,
             chunk_size=chunk_size, batch_size=batch_size, metadata=metadata,
             process_index=jax.process_index(), process_count=jax.process_count(),
             image_size=int(config.model.image_size),
@@ -158,7 +179,7 @@ class CachedClip:
 
     clip_workdir: str
     clip_config: Any
-    tokenizer: Any
+    clip_sizes: dict
     cache_dir: str
     metadata: dict
 
@@ -174,9 +195,18 @@ class CachedClip:
     def text_width(self) -> int:
         return int(self.metadata["text_width"])
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.clip_sizes["vocab_size"])
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.clip_sizes["eot_token_id"])
+
 
 def cached_clip(config) -> CachedClip:
-    """Reads `config.clip_workdir` (config + tokenizer) and `config.cache_dir` ("" = <clip_workdir>/cache).
+    """Reads `config.clip_workdir` (its config and recorded sizes) and the metadata of
+    `config.cache_dir` ("" = <clip_workdir>/cache).
 
     Clear errors: a workdir with no trained CLIP, or a missing cache (naming the command to build it).
     """
@@ -188,6 +218,5 @@ def cached_clip(config) -> CachedClip:
             "with python train.py --config configs/shapes.py:clip --workdir <dir>")
     cache_dir = (paths.resolve(config.cache_dir) if config.cache_dir
                  else os.path.join(clip_workdir, "cache"))
-    tokenizer = clip_task.prepare_tokenizer(clip_config, clip_workdir)
-    return CachedClip(clip_workdir, clip_config, tokenizer, cache_dir,
+    return CachedClip(clip_workdir, clip_config, load.read_record(clip_workdir)["sizes"], cache_dir,
                       embedding_cache.read_metadata(cache_dir, "train"))

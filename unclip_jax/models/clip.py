@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unclip_jax import cpu
 from unclip_jax.models.layers import (Dtype, Embed, LayerNorm, Transformer, as_dtype,
                                       get_activation, partitioned)
 
@@ -171,8 +172,8 @@ class CLIP(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    # bfloat16 operands (float32 accumulation) for every transformer projection, forward and
-    # backward: ~2x faster training on AMX CPUs (see layers.matmul). None: `dtype`.
+    # Operand dtype (float32 accumulation) of every transformer projection, forward and
+    # backward (see layers.matmul). None: `dtype`.
     matmul_dtype: Dtype | None = None
 
     def setup(self):
@@ -232,7 +233,8 @@ def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
     Required: embed_dim, image_size, patch_size, vision_width, vision_depth, vision_heads,
     text_width, text_depth, text_heads. Optional (module defaults otherwise): context_length,
     mlp_ratio, activation, eot_pooling (default "eot_id", always right given `eot_token_id`),
-    dtype/param_dtype/matmul_dtype (names like "bfloat16"; "" matmul_dtype = dtype), scan_layers,
+    dtype/param_dtype/matmul_dtype (names like "bfloat16"; "" matmul_dtype = dtype; "auto": see
+    `unclip_jax.cpu.matmul_dtype`), scan_layers,
     remat_policy. Other fields are ignored.
     The keyword arguments (e.g. the tokenizer's `eot_pooling` and `context_length`) override the
     config.
@@ -249,8 +251,9 @@ def clip_model_from_config(cfg: Any, vocab_size: int, eot_token_id: int, *,
     for name in ("dtype", "param_dtype"):
         if name in cfg and cfg[name] is not None:
             kwargs[name] = as_dtype(cfg[name])
-    if "matmul_dtype" in cfg and cfg["matmul_dtype"]:
-        kwargs["matmul_dtype"] = as_dtype(cfg["matmul_dtype"])
+    matmul = cpu.matmul_dtype(cfg["matmul_dtype"]) if "matmul_dtype" in cfg else None
+    if matmul:
+        kwargs["matmul_dtype"] = as_dtype(matmul)
     if eot_pooling is None:
         eot_pooling = cfg["eot_pooling"] if "eot_pooling" in cfg and cfg["eot_pooling"] else "eot_id"
     kwargs["eot_pooling"] = eot_pooling

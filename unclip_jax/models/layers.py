@@ -109,7 +109,7 @@ def matmul(x: Array, w: Array, matmul_dtype: Dtype | None = None) -> Array:
     products (dx = g w^T, dw = x^T g) are cast to it, with float32 accumulation: mixed-precision
     matmuls while activations, LayerNorms, softmaxes and the weights stay in their own dtypes.
     (Plain autodiff of a cast-then-dot would run the backward products with a float32 cotangent,
-    i.e. in float32.) On CPUs with AMX, XLA runs bfloat16 dots several times faster than float32.
+    i.e. in float32.) CPUs with bfloat16 matrix instructions run such dots faster (unclip_jax/cpu.py).
     """
     out_dtype = jnp.promote_types(x.dtype, w.dtype)
     if matmul_dtype is None or jnp.dtype(matmul_dtype) == jnp.dtype(out_dtype):
@@ -237,6 +237,28 @@ class HeadsDense(nn.Module):
         return y + jnp.asarray(bias, self.dtype)
 
 
+def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+    """ADM sinusoidal embedding: t [B] (int or float steps) -> float32 [B, dim].
+
+    Half the channels are cos(t * f_k), half sin(t * f_k), with f_k = max_period^(-k / (dim / 2));
+    an odd `dim` gets one trailing zero channel.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def text_mask(tokens: Array, eot_token_id: int) -> Array:
+    """True for a caption's tokens up to and including its first end-of-text token: bool [B, L]."""
+    is_eot = tokens == eot_token_id
+    seen_before = jnp.cumsum(is_eot, axis=-1) - is_eot
+    return seen_before == 0
+
+
 def drop_to_null_token(seq: Array, mask: Array, drop: Array,
                        null_token: Array) -> tuple[Array, Array]:
     """Classifier-free guidance's dropped caption: where `drop` (bool [B]) is True, the sequence
@@ -256,8 +278,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
     `mask`: bool, broadcastable to [B, N, T, S], True where a query may attend to a key.
     `implementation`: "xla" / "cudnn" run `jax.nn.dot_product_attention` with that choice;
     "einsum" is this module's heads-major einsum attention (logits and softmax in float32); None
-    picks "einsum" on CPU (its forward + backward measured 1.7x faster than JAX's XLA path there,
-    at the prior's 32 x 81 tokens x 8 heads of 64) and lets JAX choose elsewhere.
+    picks "einsum" on CPU (faster there than JAX's XLA path, forward and backward; see
+    benchmarks/README.md) and lets JAX choose elsewhere.
     """
     if implementation is None and jax.default_backend() == "cpu":
         implementation = "einsum"

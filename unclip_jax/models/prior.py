@@ -27,34 +27,20 @@ null_z_t, query, position_embedding, transformer/(layers | layers_i), ln_final, 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unclip_jax import cpu
 from unclip_jax.models.layers import (Dtype, LayerNorm, Transformer, as_dtype, drop_to_null_token,
-                                      get_activation, get_remat_policy, partitioned)
+                                      get_activation, get_remat_policy, partitioned,
+                                      timestep_embedding)
 
 Array = jax.Array
 
 NUM_EXTRA_TOKENS = 4  # z_t, timestep, noised z_i, query
-
-
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-    """ADM sinusoidal embedding: t [B] (int or float steps) -> float32 [B, dim].
-
-    Half the channels are cos(t * f_k), half sin(t * f_k), with f_k = max_period^(-k / (dim / 2));
-    an odd `dim` gets one trailing zero channel.
-    """
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-    return emb
 
 
 class DiffusionPrior(nn.Module):
@@ -87,7 +73,7 @@ class DiffusionPrior(nn.Module):
     head_dim: int | None = None  # Per-head width (None: width // num_heads).
     # Operand dtype of the transformer's projections, forward and backward, with float32
     # accumulation (`layers.matmul`); None = `dtype`. "bfloat16" with float32 activations is
-    # mixed precision for CPUs with AMX (bfloat16 dots run several times faster there).
+    # mixed precision for CPUs with bfloat16 matrix instructions (unclip_jax/cpu.py).
     matmul_dtype: Dtype | None = None
 
     @property
@@ -263,9 +249,12 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     for name in _OPTIONAL:
         if name in cfg and (cfg[name] is not None or name == "attention_implementation"):
             kwargs[name] = cfg[name]
-    for name in ("dtype", "param_dtype", "matmul_dtype"):
+    for name in ("dtype", "param_dtype"):
         if name in cfg and cfg[name]:
             kwargs[name] = as_dtype(cfg[name])
+    matmul = cpu.matmul_dtype(cfg["matmul_dtype"]) if "matmul_dtype" in cfg else None
+    if matmul:
+        kwargs["matmul_dtype"] = as_dtype(matmul)
     if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
         kwargs["head_dim"] = None
     return DiffusionPrior(embed_dim=int(embed_dim), text_width=int(text_width),

@@ -1,24 +1,27 @@
-"""Trainable stages: each module holds one `Task` (data, loss, evaluation) for the training loop."""
+"""Trainable stages: each module holds one `Task` (data and evaluation around a stage) for the loop."""
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import ml_collections
 
 from unclip_jax.tasks.base import Task
+from unclip_jax.tasks.clip import ClipTask
+from unclip_jax.tasks.decoder import DecoderTask
+from unclip_jax.tasks.prior import PriorTask
+from unclip_jax.tasks.upsampler import UpsamplerTask
+
+TASKS: dict[str, type[Task]] = {"clip": ClipTask, "prior": PriorTask, "decoder": DecoderTask,
+                                "upsampler": UpsamplerTask}
 
 
-def _registry() -> dict[str, type[Task]]:
-    # Imported on use: each stage pulls in its models and data code.
-    from unclip_jax.tasks.clip import ClipTask
-    from unclip_jax.tasks.decoder import DecoderTask
-    from unclip_jax.tasks.prior import PriorTask
-    from unclip_jax.tasks.upsampler import UpsamplerTask
+def get_task(config: ml_collections.ConfigDict, workdir: str, *,
+             sizes: Mapping[str, Any] | None = None) -> Task:
+    """The task of `config.stage` ("clip", "prior", "decoder" or "upsampler"), built for `workdir`.
 
-    return {"clip": ClipTask, "prior": PriorTask, "decoder": DecoderTask, "upsampler": UpsamplerTask}
-
-
-def get_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
-    """The task of `config.stage` ("clip", "prior", "decoder" or "upsampler"), built for `workdir`."""
-    registry = _registry()
-    if config.stage not in registry:
-        raise ValueError(f"config.stage={config.stage!r}: expected one of {', '.join(registry)}")
-    return registry[config.stage](config, workdir)
+    `sizes` (see `stages.load`) builds it without the files it would read them from (a tokenizer,
+    a CLIP's embedding cache): for ahead-of-time compiles; such a task cannot train.
+    """
+    if config.stage not in TASKS:
+        raise ValueError(f"config.stage={config.stage!r}: expected one of {', '.join(TASKS)}")
+    return TASKS[config.stage](config, workdir, sizes)

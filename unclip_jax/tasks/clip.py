@@ -9,18 +9,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from jax.sharding import Mesh
 
 from unclip_jax import parallel
-from unclip_jax.data import images as image_lib
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import shapes
 from unclip_jax.data import tfds_builders
 from unclip_jax.data import tokenizer as tokenizer_lib
 from unclip_jax.evaluation import embedding_probe
-from unclip_jax.models import clip as clip_lib
+from unclip_jax.evaluation import retrieval as retrieval_lib
+from unclip_jax.stages.clip import ClipStage
 from unclip_jax.tasks.base import Task
 
 
@@ -46,133 +45,36 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokeni
     return tokenizer_lib.Tokenizer.from_dir(tok_dir, context_length=config.tokenizer.context_length)
 
 
-def normalize(images: jax.Array, mean=input_pipeline.CLIP_MEAN, std=input_pipeline.CLIP_STD) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 normalised with `mean` and `std` (per channel, for pixels in
-    [0, 1]; default OpenAI CLIP's), done on device."""
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
-class PreprocessedSource:
-    """A random-access source whose examples come out decoded and preprocessed by `fn`.
-
-    `source[i]` -> `{"image": uint8 [S, S, 3], "caption": str}` with `(image, caption) =
-    fn(raw_source[i])`; an unreadable example raises `ValueError` when it is read.
-    """
-
-    def __init__(self, source, fn):
-        self.source, self.fn = source, fn
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i) -> dict[str, Any]:
-        image, caption = self.fn(self.source[i])
-        return {"image": image, "caption": caption}
-
-    def __repr__(self) -> str:
-        return f"PreprocessedSource({self.source!r})"
-
-
-def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict]:
-    """Symmetric cross-entropy over the [B, B] similarity matrix of unit embeddings.
-
-    Under `jit` with a sharded batch, B is the *global* batch: XLA gathers the embeddings, so every
-    image is contrasted with every caption of every device.
-    """
-    logits = logit_scale * z_i @ z_t.T
-    labels = jnp.arange(logits.shape[0])
-    loss_i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss_t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
-    metrics = {
-        "image_to_text_acc": (jnp.argmax(logits, axis=1) == labels).mean(),
-        "text_to_image_acc": (jnp.argmax(logits, axis=0) == labels).mean(),
-        "logit_scale": logit_scale,
-    }
-    return 0.5 * (loss_i + loss_t), metrics
-
-
 class ClipTask(Task):
     """Trains the CLIP towers; evaluates zero-shot caption retrieval on validation and heldout, and
     on shapes data linear / 1-NN probes of z_i's attributes (`evaluation/embedding_probe.py`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, sizes: Mapping[str, Any] | None = None):
+        """`sizes` (vocab_size, eot_token_id, context_length) builds it without a tokenizer
+        (ahead-of-time compiles); such a task cannot train."""
         super().__init__(config, workdir)
-        self.tokenizer = prepare_tokenizer(config, workdir)
+        self.tokenizer = None
+        if sizes is None:
+            self.tokenizer = prepare_tokenizer(config, workdir)
+            sizes = {"vocab_size": self.tokenizer.vocab_size, "eot_token_id": self.tokenizer.eot_token_id,
+                     "context_length": self.tokenizer.context_length}
         # An imported CLIP's config names its checkpoint's pooling; ours follows the tokenizer.
-        self._build(vocab_size=self.tokenizer.vocab_size, eot_token_id=self.tokenizer.eot_token_id,
-                    context_length=self.tokenizer.context_length,
-                    eot_pooling=config.model.get("eot_pooling") or self.tokenizer.eot_pooling)
+        pooling = config.model.get("eot_pooling") or (self.tokenizer.eot_pooling if self.tokenizer else "eot_id")
+        self.stage = ClipStage(config, tokenizer=self.tokenizer, **{"eot_pooling": pooling, **sizes})
+        self.side = self.stage.side
 
-    @classmethod
-    def from_dims(cls, config: ml_collections.ConfigDict, workdir: str, *, vocab_size: int,
-                  eot_token_id: int, context_length: int) -> "ClipTask":
-        """A task with given tokenizer sizes and no tokenizer behind it (compile-only; cannot train)."""
-        task = cls.__new__(cls)
-        Task.__init__(task, config, workdir)
-        task.tokenizer = None
-        task._build(vocab_size=vocab_size, eot_token_id=eot_token_id, context_length=context_length,
-                    eot_pooling=config.model.get("eot_pooling") or "eot_id")
-        return task
-
-    def _build(self, *, vocab_size: int, eot_token_id: int, context_length: int, eot_pooling: str):
-        config = self.config
-        self.context_length = int(context_length)
-        # The embedding table is padded to a multiple of 128 rows so that it shards over any
-        # tensor-parallel size (ids past the tokenizer's vocabulary are never looked up).
-        self.model = clip_lib.clip_model_from_config(
-            config.model, vocab_size=-(-vocab_size // 128) * 128, eot_token_id=eot_token_id,
-            eot_pooling=eot_pooling, context_length=self.context_length)
-        self.side = int(config.model.image_size)
-        # Imported CLIPs carry their own preprocessing (resize, crop, mean/std); ours resizes the
-        # shorter side to `side` and uses OpenAI's constants.
-        self.preprocess = config.get("preprocess")
-        if self.preprocess is not None and int(self.preprocess.crop_size) != self.side:
-            raise ValueError(f"config.preprocess.crop_size={self.preprocess.crop_size} must equal "
-                             f"config.model.image_size={self.side}")
-        p = self.preprocess
-        self.mean = np.asarray(p.mean if p else input_pipeline.CLIP_MEAN, np.float32)
-        self.std = np.asarray(p.std if p else input_pipeline.CLIP_STD, np.float32)
-        self._encoders = {}  # Jitted image / text encoders for evaluation, built on first use.
-
-    # ------------------------------------------------------------------ model and loss
-    def init_params(self, rng):
-        images = jnp.zeros((1, self.side, self.side, 3), jnp.float32)
-        tokens = jnp.zeros((1, self.context_length), jnp.int32)
-        return self.model.init(rng, images, tokens)["params"]
-
-    def loss_fn(self, params, batch, rng, step):
-        z_i, z_t, logit_scale = self.model.apply({"params": params}, self.normalize(batch["image"]),
-                                                 batch["tokens"])
-        return contrastive_loss(z_i, z_t, logit_scale)
-
-    def normalize(self, images: jax.Array) -> jax.Array:
-        """uint8 [B, S, S, 3] -> the model's float32 input (this CLIP's mean and std)."""
-        return normalize(images, self.mean, self.std)
+    def describe(self) -> dict[str, Any]:
+        depends = {"tokenizer": self.tokenizer.path} if self.tokenizer is not None else {}
+        return {"sizes": dict(self.stage.sizes), "depends_on": depends}
 
     # ------------------------------------------------------------------ data
-    def decode(self, example: Mapping[str, Any]) -> tuple[np.ndarray, str]:
-        """A raw example -> (uint8 [side, side, 3] image, caption), resized and cropped for this CLIP."""
-        if self.preprocess is None:
-            return input_pipeline.decode_example(example, self.side)
-        image, caption = input_pipeline.decode_example(example, None)
-        p = self.preprocess
-        image = image_lib.clip_preprocess(image, resize_size=int(p.resize_size),
-                                          crop_size=int(p.crop_size), resample=str(p.resample))
-        return image, caption
-
-    def preprocessed_source(self, source) -> PreprocessedSource:
-        """`source` with examples already `decode`d (for readers that only resize to `side`)."""
-        return PreprocessedSource(source, self.decode)
-
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         b, s = int(batch_size), self.side
         return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-                "tokens": jax.ShapeDtypeStruct((b, self.context_length), jnp.int32)}
+                "tokens": jax.ShapeDtypeStruct((b, self.stage.context_length), jnp.int32)}
 
     def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        image, caption = self.decode(example)
+        image, caption = self.stage.decode(example)
         return {"image": image, "tokens": self.tokenizer([caption])[0]}
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
@@ -186,17 +88,8 @@ class ClipTask(Task):
     def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
               tokens: np.ndarray | None = None) -> np.ndarray:
         """Unit CLIP embeddings [N, embed_dim] of uint8 images or int32 tokens, batched over the mesh."""
-        kind, x = ("image", images) if images is not None else ("text", tokens)
-        key = (kind, mesh)
-        if key not in self._encoders:
-            if kind == "image":
-                fn = lambda p, x: self.model.apply({"params": p}, self.normalize(x), method=self.model.encode_image)  # noqa: E731
-            else:
-                fn = lambda p, x: self.model.apply({"params": p}, x, method=self.model.encode_text)  # noqa: E731
-            self._encoders[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
-        encoder = self._encoders[key]
-        return parallel.map_batches(lambda _, chunk: encoder(params, chunk), [x], mesh,
-                                    self.config.eval.batch_size)
+        return self.stage.embed(params, mesh, images=images, tokens=tokens,
+                                batch_size=self.config.eval.batch_size)
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
         results = {}
@@ -244,7 +137,7 @@ class ClipTask(Task):
     def embed_examples(self, params, mesh: Mesh, source, num_examples: int) -> tuple[np.ndarray, list[str]]:
         """(unit z_i [N, embed_dim], captions) of the first `num_examples` examples of `source`."""
         images, captions = [], []
-        for batch in input_pipeline.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.decode(e))),
+        for batch in input_pipeline.eval_batches(source, lambda e: dict(zip(("image", "caption"), self.stage.decode(e))),
                                                num_examples=num_examples,
                                                batch_size=self.config.eval.batch_size):
             images.append(batch["image"])
@@ -265,14 +158,9 @@ class ClipTask(Task):
         scores = z_i @ z_t.T  # [N, len(pool)]
         truth = np.array([index[c] for c in captions])
         k = min(int(ev.num_candidates), len(pool))
-        rng = np.random.default_rng(0)
-        correct = 0
-        for n, t in enumerate(truth):
-            others = rng.choice(len(pool) - 1, size=k - 1, replace=False)
-            others = others + (others >= t)  # Skip the true caption.
-            correct += scores[n, t] > scores[n, others].max(initial=-np.inf)
+        top1 = retrieval_lib.top1_among_distractors(scores, truth, k)
         return {
-            f"eval/{split}/retrieval_top1_of_{k}": float(correct / len(truth)),
+            f"eval/{split}/retrieval_top1_of_{k}": top1,
             f"eval/{split}/retrieval_top1_of_all": float(np.mean(scores.argmax(1) == truth)),
             f"eval/{split}/num_captions": float(len(pool)),
         }

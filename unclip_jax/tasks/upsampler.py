@@ -1,14 +1,8 @@
-"""The unCLIP upsamplers: conv-only UNets conditioned on a corrupted low-resolution image.
+"""Training an upsampler (`stages/upsampler.py`) on random crops with corrupted low-res inputs.
 
 Training (paper §2.1, App. C): random crops of a quarter of the target side (`data.crop_size`);
 the low-resolution input is derived from the crop and corrupted (`data.corruption`: Gaussian blur
-k3 sigma 0.6 for the first stage, BSR degradation for the second); no caption, no CLIP, no
-guidance. The model has no attention, so it samples at full size with the same params.
-
-`diffusion.residual` (not the paper's choice; SRDiff, Li et al. 2022): the diffused signal is the
-residual between the high-res image and the resized conditioning image (the resize the UNet does
-inside), added back after sampling. The low frequencies, and so the colours, then come from the
-input instead of being re-generated: the plain target left tinted backgrounds after short runs.
+k3 sigma 0.6 for the first stage, BSR degradation for the second).
 
 Evaluation upsamples full validation images from their clean low-resolution versions and reports
 PSNR against the true high-resolution render, and the shapes judge on the low-res inputs and on
@@ -22,60 +16,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from unclip_jax import parallel
 from unclip_jax.diffusion import pixels
 from unclip_jax.data import degradations
 from unclip_jax.data import images as image_lib
 from unclip_jax.data import input_pipeline
 from unclip_jax.evaluation import shapes_judge
-from unclip_jax.models import unet as unet_lib
-from unclip_jax.tasks import image_diffusion as diff_lib
+from unclip_jax.stages.upsampler import UpsamplerStage
 from unclip_jax.tasks.base import Task
 
 
 class UpsamplerTask(Task):
     """Trains a `scale`x upsampler on random crops; evaluates at full size."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, sizes: Mapping[str, Any] | None = None):
         super().__init__(config, workdir)
-        data = config.data
-        self.side, self.scale, self.crop = int(data.side), int(data.scale), int(data.crop_size)
-        if self.side % self.scale or self.crop % self.scale:
-            raise ValueError(f"config.data.side={self.side} and crop_size={self.crop} must be multiples "
-                             f"of scale={self.scale}")
-        self.model = unet_lib.unet_from_config(config.model, low_res_conditioning=True, clip_dim=0,
-                                               text_depth=0, attention_resolutions=(),
-                                               learned_variance=bool(config.diffusion.learned_variance))
-        self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
-        self._samplers = {}
-
-    # ------------------------------------------------------------------ model and loss
-    def init_params(self, rng):
-        c, low = self.crop, self.crop // self.scale
-        return self.model.init(rng, jnp.zeros((1, c, c, 3)), jnp.zeros((1,), jnp.int32),
-                               low_res=jnp.zeros((1, low, low, 3)))["params"]
-
-    @property
-    def residual(self) -> bool:
-        return bool(self.config.diffusion.get("residual", False))
-
-    def _base(self, cond: jax.Array, height: int, width: int) -> jax.Array:
-        """What the diffused signal is relative to: the resized conditioning image, or 0."""
-        if not self.residual:
-            return jnp.zeros((cond.shape[0], height, width, cond.shape[-1]), jnp.float32)
-        return unet_lib.resize_low_res(cond, height, width, self.model.low_res_resize)
-
-    def loss_fn(self, params, batch, rng, step):
-        noise_rng, dropout_rng = jax.random.split(rng)
-        cond = pixels.to_model_range(batch["low"])
-        high = pixels.to_model_range(batch["high"])
-        x0 = high - self._base(cond, high.shape[1], high.shape[2])
-        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
-        out = self.model.apply({"params": params}, x_t, t, low_res=cond,
-                               train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
-        return diff_lib.diffusion_loss(self.config.diffusion, self.schedule, out, x0, x_t, t, noise)
+        self.stage = UpsamplerStage(config)
+        self.side, self.scale, self.crop = self.stage.side, self.stage.scale, self.stage.crop
 
     # ------------------------------------------------------------------ data
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -98,43 +56,10 @@ class UpsamplerTask(Task):
             shuffle_seed=data.shuffle_seed, process_index=process_index, process_count=process_count,
             num_threads=data.num_threads, with_index=True)
 
-    # ------------------------------------------------------------------ sampling and evaluation
-    def sample_body(self, *, sampler: str | None = None, steps=None, eta: float | None = None):
-        """The un-jitted sampler `(params, low_res uint8 [B, h, w, 3], rng, x_T=None) -> x_0`.
-
-        x_0: float32 [B, h * scale, w * scale, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec)
-        and `eta` (DDIM only) default to the config's; `x_T` replaces the drawn noise.
-        """
-        diff = self.config.diffusion
-        name = sampler or diff.sampler
-        schedule = self.sample_schedule if steps is None else self.schedule.respace(steps)
-        extra = {"eta": float(diff.get("eta", 0.0) if eta is None else eta)} if name == "ddim" else {}
-
-        def sample(params, low_res, rng, x_T=None):
-            cond = pixels.to_model_range(low_res)
-
-            def model_fn(x, t):
-                return self.model.apply({"params": params}, x, t, low_res=cond)
-
-            b, h, w = low_res.shape[:3]
-            shape = (b, h * self.scale, w * self.scale, 3)
-            base = self._base(cond, shape[1], shape[2])
-            x0 = diff_lib.sample_images(diff, schedule, model_fn, shape, rng, sampler=name, x_T=x_T,
-                                        clip_x0=2.0 if self.residual else 1.0, **extra)
-            return jnp.clip(x0 + base, -1.0, 1.0)
-
-        return sample
-
+    # ------------------------------------------------------------------ evaluation
     def upsample(self, params, mesh: Mesh, low: np.ndarray, rng: jax.Array) -> np.ndarray:
         """uint8 low-res [N, h, w, 3] -> uint8 [N, h * scale, w * scale, 3]."""
-        h, w = low.shape[1], low.shape[2]
-        key = (mesh, h, w)
-        if key not in self._samplers:
-            self._samplers[key] = jax.jit(self.sample_body(), out_shardings=NamedSharding(mesh, jax.P()))
-        sampler = self._samplers[key]
-        upsampled = parallel.map_batches(lambda i, chunk: sampler(params, chunk, jax.random.fold_in(rng, i)),
-                                         [low], mesh, self.config.eval.batch_size)
-        return np.asarray(pixels.to_uint8(upsampled))
+        return self.stage.upsample(params, mesh, low, rng, batch_size=self.config.eval.batch_size)
 
     def _eval_examples(self, split: str):
         source = input_pipeline.make_source(self.config.data, split)

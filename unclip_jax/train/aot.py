@@ -20,47 +20,42 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import flops as flops_lib
-from unclip_jax import parallel
+from unclip_jax import parallel, tasks
 from unclip_jax.models import layers
 from unclip_jax.train import loop
 from unclip_jax.train import state as state_lib
 
 
-def task_from_sizes(config: ml_collections.ConfigDict, workdir: str = ""):
-    """The task `config.stage` names, built from sizes in the config instead of files on disk.
+def sizes_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The sizes `config.stage` needs beyond its config, from the config itself (no files on disk).
 
     The prior and decoder take the CLIP's sizes from `config.clip_sizes` (embed_dim, text_length,
     text_width, vocab_size, eot_token_id); the CLIP takes its tokenizer's from `config.tokenizer`.
-    Such a task compiles and counts parameters; it has no data to train on.
     """
     stage = config.stage
     if stage in ("prior", "decoder") and "clip_sizes" not in config:
         raise ValueError(f"config.clip_sizes is needed to build the {stage} without a CLIP workdir "
                          "(embed_dim, text_length, text_width, vocab_size, eot_token_id)")
+    s = config.get("clip_sizes")
     if stage == "prior":
-        from unclip_jax.tasks import prior
-
-        s = config.clip_sizes
-        return prior.PriorTask.from_dims(config, workdir, embed_dim=s.embed_dim, text_length=s.text_length,
-                                         text_width=s.text_width, eot_token_id=s.eot_token_id)
+        return {"embed_dim": s.embed_dim, "text_length": s.text_length, "text_width": s.text_width,
+                "eot_token_id": s.eot_token_id}
     if stage == "decoder":
-        from unclip_jax.tasks import decoder
-
-        s = config.clip_sizes
-        return decoder.DecoderTask.from_dims(config, workdir, clip_dim=s.embed_dim,
-                                             text_length=s.text_length, vocab_size=s.vocab_size,
-                                             eot_token_id=s.eot_token_id)
-    if stage == "upsampler":
-        from unclip_jax.tasks import upsampler
-
-        return upsampler.UpsamplerTask(config, workdir)
+        return {"clip_dim": s.embed_dim, "text_length": s.text_length, "vocab_size": s.vocab_size,
+                "eot_token_id": s.eot_token_id}
     if stage == "clip":
-        from unclip_jax.tasks import clip
-
         vocab = int(config.tokenizer.vocab_size)
-        return clip.ClipTask.from_dims(config, workdir, vocab_size=vocab, eot_token_id=vocab - 1,
-                                       context_length=int(config.tokenizer.context_length))
+        return {"vocab_size": vocab, "eot_token_id": vocab - 1,
+                "context_length": int(config.tokenizer.context_length)}
+    if stage == "upsampler":
+        return {}
     raise ValueError(f"config.stage={stage!r} cannot be built from sizes")
+
+
+def task_from_sizes(config: ml_collections.ConfigDict, workdir: str = ""):
+    """The task `config.stage` names, built from `sizes_from_config` instead of files on disk.
+    Such a task compiles and counts parameters; it has no data to train on."""
+    return tasks.get_task(config, workdir, sizes=sizes_from_config(config))
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:

@@ -167,6 +167,54 @@ def _tree_differences(checkpoint: Mapping[str, tuple], model: Mapping[str, tuple
 
 
 # ---------------------------------------------------------------------------------------------
+# Partial restore: some entries of the state, the rest never read.
+# ---------------------------------------------------------------------------------------------
+
+
+def restore_entries(directory: str, abstract: Mapping[str, Any], *, step: int | None = None
+                    ) -> tuple[dict[str, Any], int]:
+    """Restores only the top-level state entries named in `abstract` (e.g. `{"ema_params": tree}`)
+    of checkpoint `step` (default: the latest) in `directory`, as `(entries, step)`.
+
+    An orbax partial restore: the other entries (the optimiser state, ...) are never read, so
+    sampling loads one copy of the params, and a checkpoint written without optimiser state (an
+    imported model) restores too. Leaves go to the `.sharding` of the abstract leaves. Raises
+    FileNotFoundError (no such checkpoint) or ValueError (listing every differing entry).
+    """
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+    manager = ocp.CheckpointManager(epath.Path(directory),
+                                    item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()},
+                                    options=options)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint to restore in {directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
+        metadata = manager.item_metadata(step)[STATE_ITEM]
+        stored = _flat_shapes(getattr(metadata, "tree", metadata))
+        wanted = _flat_shapes(dict(abstract))
+        prefixes = tuple(f"{name}/" for name in abstract)
+        differences = _tree_differences({k: v for k, v in stored.items() if k.startswith(prefixes)}, wanted)
+        if differences:
+            shown = differences[:_MAX_LISTED_DIFFERENCES]
+            more = len(differences) - len(shown)
+            raise ValueError(
+                f"checkpoint {epath.Path(directory) / str(step)} is incompatible with the model "
+                f"({len(differences)} differing entries):\n  " + "\n  ".join(shown)
+                + (f"\n  ... and {more} more" if more else ""))
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+            dict(abstract))
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+            item=dict(abstract), restore_args=restore_args, partial_restore=True)}))
+    finally:
+        manager.close()
+    return dict(restored[STATE_ITEM]), step
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpointer.
 # ---------------------------------------------------------------------------------------------
 

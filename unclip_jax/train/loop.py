@@ -27,6 +27,7 @@ from unclip_jax import flops as flops_lib
 from unclip_jax import parallel, paths
 from unclip_jax import tasks
 from unclip_jax.models import layers
+from unclip_jax.stages import load
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing, restore
 from unclip_jax.train import metrics as metrics_lib
@@ -166,6 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
     if is_main:
         checkpointing.save_config(config, workdir)
     task = task or tasks.get_task(config, workdir)
+    described = task.describe()  # What sampling needs to rebuild the model (stage.json).
+    load.write_record(workdir, config.stage, described["sizes"], described["depends_on"])
     num_steps = int(config.train.num_steps)
     last_step = num_steps if stop_at_step is None else min(num_steps, int(stop_at_step))
 

@@ -1,0 +1,117 @@
+"""CLIP: the image and text towers, their preprocessing, the contrastive loss and embedding."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from unclip_jax import parallel
+from unclip_jax.data import images as image_lib
+from unclip_jax.data import input_pipeline
+from unclip_jax.models import clip as clip_lib
+
+
+def normalize(images: jax.Array, mean=input_pipeline.CLIP_MEAN, std=input_pipeline.CLIP_STD) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 normalised with `mean` and `std` (per channel, for pixels in
+    [0, 1]; default OpenAI CLIP's), done on device."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def contrastive_loss(z_i: jax.Array, z_t: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict]:
+    """Symmetric cross-entropy over the [B, B] similarity matrix of unit embeddings.
+
+    Under `jit` with a sharded batch, B is the *global* batch: XLA gathers the embeddings, so every
+    image is contrasted with every caption of every device.
+    """
+    logits = logit_scale * z_i @ z_t.T
+    labels = jnp.arange(logits.shape[0])
+    loss_i = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss_t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+    metrics = {
+        "image_to_text_acc": (jnp.argmax(logits, axis=1) == labels).mean(),
+        "text_to_image_acc": (jnp.argmax(logits, axis=0) == labels).mean(),
+        "logit_scale": logit_scale,
+    }
+    return 0.5 * (loss_i + loss_t), metrics
+
+
+class ClipStage:
+    """The CLIP of a stage config (`model`, `preprocess`) with a tokenizer of the given sizes.
+
+    Sizes: vocab_size, eot_token_id, context_length and eot_pooling ("eot_id": pool the text
+    tower at the end-of-text token; "argmax": at the highest id, as OpenAI's checkpoints). The
+    tokenizer itself (captions -> tokens) is attached when there is one (`tokenizer`).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, vocab_size: int, eot_token_id: int,
+                 context_length: int, eot_pooling: str, tokenizer=None):
+        self.config = config
+        self.sizes = {"vocab_size": int(vocab_size), "eot_token_id": int(eot_token_id),
+                      "context_length": int(context_length), "eot_pooling": str(eot_pooling)}
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length)
+        # The embedding table is padded to a multiple of 128 rows so that it shards over any
+        # tensor-parallel size (ids past the tokenizer's vocabulary are never looked up).
+        self.model = clip_lib.clip_model_from_config(
+            config.model, vocab_size=-(-int(vocab_size) // 128) * 128, eot_token_id=int(eot_token_id),
+            eot_pooling=str(eot_pooling), context_length=self.context_length)
+        self.side = int(config.model.image_size)
+        # Imported CLIPs carry their own preprocessing (resize, crop, mean/std); ours resizes the
+        # shorter side to `side` and uses OpenAI's constants.
+        self.preprocess = config.get("preprocess")
+        if self.preprocess is not None and int(self.preprocess.crop_size) != self.side:
+            raise ValueError(f"config.preprocess.crop_size={self.preprocess.crop_size} must equal "
+                             f"config.model.image_size={self.side}")
+        p = self.preprocess
+        self.mean = np.asarray(p.mean if p else input_pipeline.CLIP_MEAN, np.float32)
+        self.std = np.asarray(p.std if p else input_pipeline.CLIP_STD, np.float32)
+        self._jitted = parallel.JitCache()
+
+    # ------------------------------------------------------------------ model and loss
+    def init_params(self, rng):
+        """The model's params (boxed with logical axis names). Runs under eval_shape and jit."""
+        images = jnp.zeros((1, self.side, self.side, 3), jnp.float32)
+        tokens = jnp.zeros((1, self.context_length), jnp.int32)
+        return self.model.init(rng, images, tokens)["params"]
+
+    def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
+        """The contrastive loss of a batch of uint8 `image` and caption `tokens`."""
+        z_i, z_t, logit_scale = self.model.apply({"params": params}, self.normalize(batch["image"]),
+                                                 batch["tokens"])
+        return contrastive_loss(z_i, z_t, logit_scale)
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, S, S, 3] -> the model's float32 input (this CLIP's mean and std)."""
+        return normalize(images, self.mean, self.std)
+
+    def decode(self, example: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+        """A raw example -> (uint8 [side, side, 3] image, caption), resized and cropped for this CLIP."""
+        if self.preprocess is None:
+            return input_pipeline.decode_example(example, self.side)
+        image, caption = input_pipeline.decode_example(example, None)
+        p = self.preprocess
+        image = image_lib.clip_preprocess(image, resize_size=int(p.resize_size),
+                                          crop_size=int(p.crop_size), resample=str(p.resample))
+        return image, caption
+
+    # ------------------------------------------------------------------ embedding
+    def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
+              tokens: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
+        """Unit CLIP embeddings [N, embed_dim] of uint8 images (at `side` px) or int32 tokens,
+        batched over the mesh."""
+        model = self.model
+        if images is not None:
+            kind, x = "image", images
+            build = lambda: lambda p, x: model.apply({"params": p}, self.normalize(x), method=model.encode_image)  # noqa: E731
+        else:
+            kind, x = "text", tokens
+            build = lambda: lambda p, x: model.apply({"params": p}, x, method=model.encode_text)  # noqa: E731
+        fn = self._jitted(mesh, (kind,), build)
+        return parallel.map_batches(lambda _, chunk: fn(params, chunk), [x], mesh, batch_size)

@@ -1,0 +1,165 @@
+"""The unCLIP decoder: a GLIDE-style UNet generating images from CLIP image embeddings z_i.
+
+Conditioning (paper §2.1): z_i projected into the timestep embedding and into 4 extra context
+tokens next to the decoder's own caption transformer; z_i is replaced by a learned null 10% of the
+time and the caption 50% of the time (config fields) for classifier-free guidance. Learned variance
+with the hybrid loss, as the paper, or fixed variance (`diffusion.learned_variance=False`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from unclip_jax import parallel
+from unclip_jax.diffusion import pixels, samplers
+from unclip_jax.models import unet as unet_lib
+from unclip_jax.models.layers import text_mask
+from unclip_jax.stages import image_diffusion as diff_lib
+
+GUIDANCE_DROPS = ("all", "z_i")  # What the unconditional half of guidance drops.
+
+
+class DecoderStage:
+    """The decoder of a stage config (`model`, `diffusion`) over a CLIP of the given sizes.
+
+    Sizes: clip_dim (D of z_i), text_length (L, the CLIP's context), vocab_size and eot_token_id
+    of the CLIP's tokenizer (the decoder's own caption transformer reads the same tokens).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, clip_dim: int, text_length: int,
+                 vocab_size: int, eot_token_id: int):
+        self.config = config
+        self.sizes = {"clip_dim": int(clip_dim), "text_length": int(text_length),
+                      "vocab_size": int(vocab_size), "eot_token_id": int(eot_token_id)}
+        self.clip_dim, self.text_length, self.eot_token_id = int(clip_dim), int(text_length), int(eot_token_id)
+        self.side = int(config.model.image_size)
+        self.model = unet_lib.unet_from_config(
+            config.model, clip_dim=self.clip_dim, text_length=self.text_length,
+            text_vocab_size=-(-int(vocab_size) // 128) * 128,
+            learned_variance=bool(config.diffusion.learned_variance))
+        self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
+        self._jitted = parallel.JitCache()
+
+    def _conditioning(self, batch: Mapping[str, jax.Array], drop_z_i=None, drop_text=None):
+        """The UNet's conditioning kwargs: z_i, and the caption unless the text pathway is off."""
+        cond = {"z_i": batch["z_i"], "drop_z_i": drop_z_i}
+        if self.model.uses_text:
+            tokens = batch["tokens"]
+            cond.update(text_tokens=tokens, text_mask=text_mask(tokens, self.eot_token_id),
+                        drop_text=drop_text)
+        return cond
+
+    # ------------------------------------------------------------------ model and loss
+    def init_params(self, rng):
+        """The model's params (boxed with logical axis names). Runs under eval_shape and jit."""
+        b, s, no = 1, self.side, jnp.zeros((1,), bool)
+        batch = {"z_i": jnp.zeros((b, self.clip_dim)), "tokens": jnp.zeros((b, self.text_length), jnp.int32)}
+        return self.model.init(rng, jnp.zeros((b, s, s, 3)), jnp.zeros((b,), jnp.int32),
+                               **self._conditioning(batch, no, no))["params"]
+
+    def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
+        """The diffusion loss of a batch of uint8 `image`, `z_i` and caption `tokens`."""
+        diff = self.config.diffusion
+        noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
+        x0 = pixels.to_model_range(batch["image"])
+        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
+        b = x0.shape[0]
+        out = self.model.apply(
+            {"params": params}, x_t, t,
+            **self._conditioning(batch, jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,)),
+                                 jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,))),
+            train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
+        return diff_lib.diffusion_loss(diff, self.schedule, out, x0, x_t, t, noise)
+
+    # ------------------------------------------------------------------ sampling
+    def schedule_for(self, steps) -> Any:
+        """The sampling schedule: the config's `sample_steps`, or the respacing spec `steps`."""
+        return self.sample_schedule if steps is None else self.schedule.respace(steps)
+
+    def guided_model_fn(self, params, z_i: jax.Array, tokens: jax.Array, guidance_scale: float, *,
+                        drop_text: bool = False):
+        """The model function `(x_t, t) -> output` the samplers call: guided when the scale is not 1.
+
+        The conditional half sees z_i [B, D] and the caption tokens [B, L] (or the caption's learned
+        null with `drop_text`, as for an image without a caption); the unconditional half sees
+        neither (`diffusion.guidance_drops="all"`, the paper's) or only the caption (`"z_i"`: the
+        guidance then pushes along z_i alone, with the caption held in both halves).
+        """
+        drops = self.config.diffusion.get("guidance_drops", "all")
+        if drops not in GUIDANCE_DROPS:
+            raise ValueError(f"diffusion.guidance_drops={drops!r}: expected one of {GUIDANCE_DROPS}")
+        batch = {"z_i": z_i, "tokens": tokens}
+        b = z_i.shape[0]
+        text_off = jnp.full((b,), bool(drop_text))
+        uncond_text_off = text_off if drops == "z_i" else jnp.ones((b,), bool)
+
+        def model_fn(x, t):
+            return self.model.apply({"params": params}, x, t,
+                                    **self._conditioning(batch, None, text_off if drop_text else None))
+
+        if guidance_scale == 1:
+            return model_fn
+
+        def cond_uncond(x, t):
+            two = {k: jnp.concatenate([v, v]) for k, v in batch.items()}
+            drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+            return self.model.apply({"params": params}, x, t,
+                                    **self._conditioning(two, drop,
+                                                         jnp.concatenate([text_off, uncond_text_off])))
+
+        return samplers.guided(cond_uncond, guidance_scale,
+                               learned_variance=bool(self.config.diffusion.learned_variance))
+
+    def sample_body(self, *, guidance_scale: float, sampler: str | None = None, steps=None,
+                    eta: float | None = None, drop_text: bool = False):
+        """The un-jitted sampler `(params, z_i [B, D], tokens [B, L], rng, x_T=None) -> x_0`.
+
+        x_0: float32 [B, side, side, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec) and
+        `eta` (DDIM only) default to the config's; `x_T` [B, side, side, 3] replaces the drawn noise;
+        `drop_text` conditions on z_i alone (see `guided_model_fn`).
+        """
+        diff = self.config.diffusion
+        name = sampler or diff.sampler
+        schedule = self.schedule_for(steps)
+        extra = {"eta": float(diff.get("eta", 0.0) if eta is None else eta)} if name == "ddim" else {}
+
+        def sample(params, z_i, tokens, rng, x_T=None):
+            model_fn = self.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=drop_text)
+            b = z_i.shape[0]
+            return diff_lib.sample_images(diff, schedule, model_fn, (b, self.side, self.side, 3), rng,
+                                          sampler=name, x_T=x_T, **extra)
+
+        return sample
+
+    def invert_body(self, *, guidance_scale: float = 1.0, steps=None, num_fixed_point_iters: int = 0,
+                    drop_text: bool = False):
+        """Un-jitted DDIM inversion `(params, x_0 [B, side, side, 3] in [-1, 1], z_i, tokens) -> x_T`.
+
+        Inverts with the same (guided) model and step schedule that DDIM sampling with these
+        settings uses, so DDIM at eta = 0 from the returned x_T reconstructs x_0 (exactly as
+        `num_fixed_point_iters` grows; see `samplers.ddim_invert`).
+        """
+        diff = self.config.diffusion
+        schedule = self.schedule_for(steps)
+
+        def invert(params, x0, z_i, tokens):
+            model_fn = self.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=drop_text)
+            return samplers.ddim_invert(model_fn, schedule, x0, param=diff.param, clip_x0=1.0,
+                                        learned_variance=bool(diff.learned_variance),
+                                        num_fixed_point_iters=num_fixed_point_iters)
+
+        return invert
+
+    def decode(self, params, mesh: Mesh, z_i: np.ndarray, tokens: np.ndarray, rng: jax.Array, *,
+               batch_size: int = 64, guidance_scale: float | None = None) -> np.ndarray:
+        """Decodes unit z_i [N, D] (with caption tokens [N, L]) to uint8 images [N, side, side, 3]."""
+        scale = float(self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale)
+        fn = self._jitted(mesh, ("sample", scale), lambda: self.sample_body(guidance_scale=scale))
+        images = parallel.map_batches(lambda i, z, tok: fn(params, z, tok, jax.random.fold_in(rng, i)),
+                                      [z_i, tokens], mesh, batch_size)
+        return np.asarray(pixels.to_uint8(images))
