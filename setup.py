@@ -33,7 +33,8 @@ setup(
         # CPU torch for the Hugging Face CLIP parity test (transformers' torch CLIPModel). This
         # exact pin installs a CPU build on these machines, without several GB of GPU packages.
         "parity": ["torch==2.13.0"],
-        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2", "torch==2.13.0"],
+        # diffusers: the reference of the Karlo (published unCLIP) importer's parity tests.
+        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2", "torch==2.13.0", "diffusers==0.42.1"],
         # libtpu: on a TPU VM, and on any host to compile for TPU topologies ahead of time
         # (benchmarks/compile_only.py). Best in its own environment: with libtpu installed, JAX
         # looks for TPU chips at start-up.

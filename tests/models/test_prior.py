@@ -260,3 +260,59 @@ def test_cached_prefix_sampling_path_equals_the_full_forward(scan_layers):
     prefix = model.apply(params, z_t, hidden, mask, drop, method=model.encode_prefix)
     assert prefix["kv"][0].shape == (2, b, 8, 4, 8)  # [depth, B, L + 1, heads, head_dim]
     numerics.assert_close(model.apply(params, prefix, z_i, t, method=model.denoise), full)
+
+
+def test_new_options_default_to_the_original_param_tree():
+    abstract = jax.eval_shape(DiffusionPrior(**TINY).init, jax.random.key(0), *_inputs())
+    assert set(abstract["params"]) == {
+        "text_proj", "z_t_proj", "z_i_proj", "time_embed_fc1", "time_embed_fc2", "null_text_token",
+        "null_z_t", "query", "position_embedding", "transformer", "ln_final", "out_proj"}
+    assert abstract["params"]["time_embed_fc1"]["kernel"].value.shape == (32, 32)
+
+
+def test_imported_prior_options(model_and_vars):
+    """null_conditioning=False, embedding_stats=True, time_embed_dim: Karlo's prior's options."""
+    model = DiffusionPrior(**TINY, null_conditioning=False, embedding_stats=True, time_embed_dim=48)
+    inputs = _inputs()
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *inputs))
+    params = variables["params"]
+    assert "null_text_token" not in params and "null_z_t" not in params
+    assert params["time_embed_fc1"]["kernel"].shape == (32, 48)
+    assert params["time_embed_fc2"]["kernel"].shape == (48, 32)
+    # Initialised to the identity; forward is unchanged by the statistics.
+    np.testing.assert_array_equal(params["clip_mean"], np.zeros(D))
+    np.testing.assert_array_equal(params["clip_std"], np.ones(D))
+    out = jax.jit(model.apply)(variables, *inputs)
+    stats = {**params, "clip_mean": params["clip_mean"] + 3.0, "clip_std": params["clip_std"] * 2}
+    numerics.assert_close(jax.jit(model.apply)({"params": stats}, *inputs), out)
+    x = inputs[0]
+    denorm = model.apply({"params": stats}, x, method=model.denormalize_embedding)
+    numerics.assert_close(denorm, x * 2.0 + 3.0)
+    numerics.assert_close(model.apply({"params": stats}, denorm, method=model.normalize_embedding), x)
+    with pytest.raises(ValueError, match="null_conditioning=False"):
+        model.apply(variables, *inputs, jnp.zeros((BATCH,), bool))
+    with pytest.raises(ValueError, match="null_conditioning=False"):
+        model.apply(variables, *inputs[2:], jnp.zeros((BATCH,), bool), method=model.encode_prefix)
+    # The KV-cached sampling path still equals the full forward.
+    prefix = model.apply(variables, *inputs[2:], method=model.encode_prefix)
+    numerics.assert_close(model.apply(variables, prefix, *inputs[:2], method=model.denoise), out)
+    specs = assert_every_param_named(jax.eval_shape(model.init, jax.random.key(0), *inputs),
+                                     unnamed_ok=("bias",))
+    assert specs["clip_std"] == P("norm") and specs["time_embed_fc1"]["kernel"] == P("embed", "mlp")
+    # Without embedding_stats both maps are the identity.
+    plain, plain_vars = model_and_vars
+    numerics.assert_close(plain.apply(plain_vars, x, method=plain.denormalize_embedding), x)
+    numerics.assert_close(plain.apply(plain_vars, x, method=plain.normalize_embedding), x)
+    with pytest.raises(ValueError, match="time_embed_dim"):
+        DiffusionPrior(**TINY, time_embed_dim=-1).init(jax.random.key(0), *inputs)
+
+
+def test_prior_from_config_new_options():
+    cfg = ml_collections.ConfigDict(dict(width=32, depth=2, num_heads=4, null_conditioning=False,
+                                         embedding_stats=True, time_embed_dim=0))
+    model = prior_from_config(cfg, embed_dim=D, text_width=TEXT_WIDTH, text_length=L)
+    assert (model.null_conditioning, model.embedding_stats, model.time_embed_dim) == (False, True,
+                                                                                      None)
+    model = prior_from_config(dict(width=32, depth=2, num_heads=4, time_embed_dim=64), embed_dim=D,
+                              text_width=TEXT_WIDTH, text_length=L)
+    assert (model.null_conditioning, model.embedding_stats, model.time_embed_dim) == (True, False, 64)

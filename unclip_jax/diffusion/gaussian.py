@@ -177,13 +177,17 @@ def mse_loss(param: str, schedule: Schedule, model_output: Array, x0: Array, t: 
     return mse
 
 
-def learned_log_variance(schedule: Schedule, v: Array, t: Array) -> Array:
+def learned_log_variance(schedule: Schedule, v: Array, t: Array, *, clip: bool = True) -> Array:
     """ADM's learned log-variance: frac log(beta_t) + (1 - frac) log(beta~_t), frac = (v + 1)/2.
 
-    v: [B, ...], cast to float32 and clipped to [-1, 1] (the interval between the two bounds of the
-    optimal variance), which also keeps exp(-log_variance) finite for wild outputs.
+    v: [B, ...], cast to float32 and, with `clip` (the default), clipped to [-1, 1] (the interval
+    between the two bounds of the optimal variance), which also keeps exp(-log_variance) finite for
+    wild outputs. `clip=False` extrapolates linearly in log space for |v| > 1, as guided-diffusion,
+    Karlo and diffusers' `UnCLIPScheduler` ("learned_range") do; sampling uses it to reproduce them.
     """
-    v = jnp.clip(v.astype(jnp.float32), -1.0, 1.0)
+    v = v.astype(jnp.float32)
+    if clip:
+        v = jnp.clip(v, -1.0, 1.0)
     frac = (v + 1.0) / 2.0
     max_log = extract(jnp.log(schedule.betas), t, v)
     min_log = extract(schedule.posterior_log_variance_clipped, t, v)

@@ -87,41 +87,71 @@ def _initial_noise(shape, rng, x_T):
 
 
 def ddpm_step(model_fn: ModelFn, schedule: Schedule, x: Array, i, noise: Array, *, param: str,
-              learned_variance: bool = False, clip_x0: float | None = 1.0) -> Array:
+              learned_variance: bool = False, clip_x0: float | None = 1.0,
+              clip_variance: bool = True) -> Array:
     """One ancestral step from x_i [B, ...] at step i (scalar): x_{i-1} = mu(x_i, x0_hat) + sigma_i
     noise, float32, with `noise` standard normal [B, ...] (unused at i = 0, where sigma is 0).
 
     mu is the mean of the posterior q(x_{i-1} | x_i, x0_hat); sigma_i^2 its variance beta~_i
-    ("fixed small"), or the model's learned variance when `learned_variance`.
+    ("fixed small", diffusers' "fixed_small_log": the same for i > 0), or the model's learned
+    variance when `learned_variance` (`gaussian.learned_log_variance`, with the interpolation
+    weight clipped to [-1, 1] unless `clip_variance=False`). On a respaced schedule the betas are
+    those between the kept timesteps (beta_k = 1 - abar_{t_k} / abar_{t_{k-1}}), which is exactly
+    how diffusers' `UnCLIPScheduler.step` recomputes them from its `prev_timestep` argument.
     """
     x0, _, v_var = _denoise(model_fn, schedule, x, i, param=param,
                             learned_variance=learned_variance, clip_x0=clip_x0)
     mean, _, log_var = gaussian.q_posterior_mean_variance(schedule, x0, x, i)
     if learned_variance:
-        log_var = gaussian.learned_log_variance(schedule, v_var, i)
+        log_var = gaussian.learned_log_variance(schedule, v_var, i, clip=clip_variance)
     return mean + jnp.where(i > 0, jnp.exp(0.5 * log_var), 0.0) * noise
 
 
-def ddpm_sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int], rng: Array, *,
-                param: str, learned_variance: bool = False, clip_x0: float | None = 1.0,
-                x_T: Array | None = None) -> Array:
+def ddpm_sample(model_fn: ModelFn, schedule: Schedule, shape: Sequence[int] | None,
+                rng: Array | None, *, param: str, learned_variance: bool = False,
+                clip_x0: float | None = 1.0, x_T: Array | None = None,
+                clip_variance: bool = True, step_noise: Array | None = None,
+                last_step_model_fn: ModelFn | None = None) -> Array:
     """Ancestral sampling x_{i-1} ~ N(mu(x_i, x0_hat), sigma_i^2); returns x_0 [*shape] float32.
 
-    Each step is `ddpm_step`. No noise is added at the last step (i = 0).
+    Each step is `ddpm_step` (see there for `clip_variance`). No noise is added at the last step
+    (i = 0). By default step i's noise is `jax.random.normal(jax.random.fold_in(rng, i), shape)`.
+
+    step_noise: optional float [num_steps - 1, *shape], the noise of every step that adds some, in
+      the order the steps are taken: step_noise[k] is used at step i = num_steps - 1 - k. This
+      replays externally drawn noise (e.g. the draws of a torch pipeline, in its order). With both
+      `x_T` and `step_noise` given, `rng` may be None.
+    last_step_model_fn: optional model function used for the last step only (i = 0) instead of
+      `model_fn` (Karlo's super-resolution, whose final step is taken by a separately fine-tuned
+      UNet, diffusers' `super_res_last`). The other steps stay one `lax.fori_loop`; the last step
+      follows it, so each model is traced once.
     """
     gaussian.check_param(param)
-    if rng is None:
-        raise ValueError("ddpm_sample needs an rng (it adds noise at every step but the last)")
+    if rng is None and (x_T is None or step_noise is None):
+        raise ValueError("ddpm_sample needs an rng (it adds noise at every step but the last), "
+                         "unless both x_T and step_noise are given")
     x, rng = _initial_noise(shape, rng, x_T)
     n = schedule.num_steps
+    if step_noise is not None:
+        step_noise = jnp.asarray(step_noise, jnp.float32)
+        if step_noise.shape != (n - 1,) + x.shape:
+            raise ValueError(f"step_noise has shape {step_noise.shape}; expected "
+                             f"{(n - 1,) + x.shape} (one draw per step but the last)")
+    kwargs = dict(param=param, learned_variance=learned_variance, clip_x0=clip_x0,
+                  clip_variance=clip_variance)
 
     def body(k, x):
         i = n - 1 - k
-        noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-        return ddpm_step(model_fn, schedule, x, i, noise, param=param,
-                         learned_variance=learned_variance, clip_x0=clip_x0)
+        if step_noise is None:
+            noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+        else:  # the last step (k = n - 1) adds no noise: any in-range row will do
+            noise = step_noise[jnp.minimum(k, max(n - 2, 0))] if n > 1 else jnp.zeros_like(x)
+        return ddpm_step(model_fn, schedule, x, i, noise, **kwargs)
 
-    return jax.lax.fori_loop(0, n, body, x)
+    if last_step_model_fn is None:
+        return jax.lax.fori_loop(0, n, body, x)
+    x = jax.lax.fori_loop(0, n - 1, body, x)
+    return ddpm_step(last_step_model_fn, schedule, x, 0, jnp.zeros_like(x), **kwargs)
 
 
 def ddim_sample(model_fn: ModelFn, schedule: Schedule, shape_or_x_T, rng: Array | None = None, *,
@@ -256,7 +286,8 @@ def sample(name: str, model_fn: ModelFn, schedule: Schedule, shape: Sequence[int
            rng: Array | None, *, param: str, x_T: Array | None = None, **kwargs) -> Array:
     """Dispatches to the sampler called `name` ("ddpm" | "ddim" | "dpm++2m"); returns x_0.
 
-    Keyword arguments go to the sampler (`learned_variance`, `clip_x0`, and `eta` for "ddim").
+    Keyword arguments go to the sampler (`learned_variance`, `clip_x0`, `eta` for "ddim", and
+    `clip_variance`, `step_noise`, `last_step_model_fn` for "ddpm").
     """
     if name == "ddpm":
         return ddpm_sample(model_fn, schedule, shape, rng, param=param, x_T=x_T, **kwargs)

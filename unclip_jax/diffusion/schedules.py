@@ -66,7 +66,12 @@ def space_timesteps(num_timesteps: int, spec: int | str) -> list[int]:
     """The original timesteps kept by a respacing `spec` (as improved DDPM / guided-diffusion).
 
     spec:
-    - an int K (or "K"): K steps evenly strided over [0, T-1], both ends included;
+    - an int K (or "K"): K steps evenly strided over [0, T-1], both ends included: the steps
+      round(k (T-1)/(K-1)), k = 0..K-1, with Python's round-half-to-even. This is exactly the
+      timestep selection of diffusers' `UnCLIPScheduler.set_timesteps(K)` (numpy's round is
+      half-to-even too) for every K, used by the Karlo stages (`diffusion.unclip`). Karlo's own
+      code (guided-diffusion's) accumulates the float stride instead of multiplying, which gives
+      the same steps for Karlo's K = 7, 25, 50 but moves one step by 1 for some K (21, 23, ...);
     - "ddimK": the steps range(0, T, stride) for the integer stride that gives exactly K steps;
     - "n1,n2,...": T is cut into len(sections) equal sections, section j gets n_j evenly strided
       steps (both section ends included), e.g. GLIDE's upsampler "10,10,3,2,2".

@@ -23,7 +23,31 @@ whose output at the final (query) position, projected to the CLIP embedding size
   projection (the blocks are pre-LN). The output is float32.
 
 Param tree: text_proj, z_t_proj, z_i_proj, time_embed_fc1, time_embed_fc2, null_text_token,
-null_z_t, query, position_embedding, transformer/(layers | layers_i), ln_final, out_proj.
+null_z_t, query, position_embedding, transformer/(layers | layers_i), ln_final, out_proj
+(+ clip_mean, clip_std with `embedding_stats`; without null_text_token, null_z_t when
+`null_conditioning=False`).
+
+Options for imported priors (defaults: this project's prior as above). Kakao Brain's Karlo, the
+public unCLIP (diffusers' `PriorTransformer`, see `unclip_jax/convert/karlo_prior.py`), is the same
+architecture - the same token order [text | z_t | t | z_i | query] with learned positions, the same
+sinusoid (cos half first, frequencies 10000^(-k / (width / 2))) and linear-SiLU-linear timestep
+MLP, pre-LN blocks with exact-erf GELU MLPs (ratio 4) and LayerNorm eps 1e-5, a final LayerNorm and
+the projection of the last (query) token - with three differences, each an option here:
+- `null_conditioning=False`: no learned null tokens. Karlo's classifier-free guidance feeds the
+  empty caption ("") through the CLIP text tower as the unconditional input (tokens, mask, z_t and
+  hidden states, all real), so `drop_text` is refused: pass the empty caption's encoding instead.
+- `embedding_stats=True`: params `clip_mean`, `clip_std` [embed_dim]. The model works on
+  standardised image embeddings: its input z_i_t and its prediction are (z_i - clip_mean) / clip_std.
+  They are not used by `__call__`; `denormalize_embedding` maps a sampled x0 back to a CLIP image
+  embedding (x0 * clip_std + clip_mean, diffusers' `post_process_latents`, which the unCLIP
+  pipeline applies once after the last sampling step) and `normalize_embedding` is the inverse (a
+  training target). Both stop gradients into the statistics, so training leaves them fixed (1-D
+  params are not weight-decayed either). Without the option both methods are the identity.
+- `time_embed_dim`: the hidden width of the timestep MLP (None: width; Karlo's is width too).
+The padding mask is the same rule as the CLIP tokenizer's attention mask (real tokens up to and
+including the first end-of-text); diffusers adds -10000 to masked logits where this module masks
+them out, which is the same in float32 (exp(-10000) underflows to 0 and every query row keeps at
+least one visible key).
 """
 from __future__ import annotations
 
@@ -75,6 +99,15 @@ class DiffusionPrior(nn.Module):
     # accumulation (`layers.matmul`); None = `dtype`. "bfloat16" with float32 activations is
     # mixed precision for CPUs with bfloat16 matrix instructions (unclip_jax/cpu.py).
     matmul_dtype: Dtype | None = None
+    # Learned null text token and null z_t for classifier-free guidance (`drop_text`). False: no
+    # such params and `drop_text` is refused (the unconditional input is the empty caption's
+    # encoding, as in Karlo).
+    null_conditioning: bool = True
+    # Params clip_mean / clip_std [embed_dim] of the standardised embedding space the model works
+    # in (see `denormalize_embedding`); False: none, and those methods are the identity.
+    embedding_stats: bool = False
+    # Hidden width of the timestep MLP (time_embed_fc1's output); None = width.
+    time_embed_dim: int | None = None
 
     @property
     def sequence_length(self) -> int:
@@ -91,6 +124,9 @@ class DiffusionPrior(nn.Module):
         if self.num_timesteps <= 0:
             raise ValueError(f"DiffusionPrior.num_timesteps must be positive, got "
                              f"{self.num_timesteps}")
+        if self.time_embed_dim is not None and self.time_embed_dim <= 0:
+            raise ValueError(f"DiffusionPrior.time_embed_dim must be positive (or None = width), got "
+                             f"{self.time_embed_dim}")
         get_activation(self.activation)
         get_remat_policy(self.remat_policy)
 
@@ -112,6 +148,10 @@ class DiffusionPrior(nn.Module):
         if text_mask is not None and text_mask.shape != (batch, length):
             raise ValueError(f"text_mask has shape {tuple(text_mask.shape)}; expected "
                              f"[batch, text_length] = {(batch, length)}")
+        if drop_text is not None and not self.null_conditioning:
+            raise ValueError("drop_text was given but this prior has null_conditioning=False (no "
+                             "learned null tokens): pass the empty caption's encoding (its tokens' "
+                             "hidden states, mask and z_t) as the unconditional input instead")
         if drop_text is not None and drop_text.shape != (batch,):
             raise ValueError(f"drop_text has shape {tuple(drop_text.shape)}; expected [batch] = "
                              f"({batch},)")
@@ -133,11 +173,18 @@ class DiffusionPrior(nn.Module):
         self.text_proj = self._dense(self.width, *embed_in, "text_proj")
         self.z_t_proj = self._dense(self.width, *embed_in, "z_t_proj")
         self.z_i_proj = self._dense(self.width, *embed_in, "z_i_proj")
-        self.time_embed_fc1 = self._dense(self.width, ("embed", "mlp"), ("mlp",), "time_embed_fc1")
+        time_hidden = self.time_embed_dim or self.width
+        self.time_embed_fc1 = self._dense(time_hidden, ("embed", "mlp"), ("mlp",), "time_embed_fc1")
         self.time_embed_fc2 = self._dense(self.width, ("mlp", "embed"), ("embed",), "time_embed_fc2")
-        self.null_text_token = self._learned_token("null_text_token")
-        self.null_z_t = self._learned_token("null_z_t")
+        if self.null_conditioning:
+            self.null_text_token = self._learned_token("null_text_token")
+            self.null_z_t = self._learned_token("null_z_t")
         self.query = self._learned_token("query")
+        if self.embedding_stats:  # Per-feature vectors, replicated like LayerNorm scales.
+            self.clip_mean = self.param("clip_mean", partitioned(nn.initializers.zeros, ("norm",)),
+                                        (self.embed_dim,), self.param_dtype)
+            self.clip_std = self.param("clip_std", partitioned(nn.initializers.ones, ("norm",)),
+                                       (self.embed_dim,), self.param_dtype)
         self.position_embedding = self.param(
             "position_embedding", partitioned(nn.initializers.normal(0.01), (None, "embed")),
             (self.sequence_length, self.width), self.param_dtype)
@@ -151,6 +198,30 @@ class DiffusionPrior(nn.Module):
         self.ln_final = LayerNorm(dtype=jnp.float32, param_dtype=self.param_dtype, name="ln_final")
         self.out_proj = self._dense(self.embed_dim, ("embed", None), (None,), "out_proj",
                                     dtype=jnp.float32)
+
+    def _stats(self) -> tuple[Array, Array] | None:
+        if not self.embedding_stats:
+            return None
+        return (jax.lax.stop_gradient(jnp.asarray(self.clip_mean, jnp.float32)),
+                jax.lax.stop_gradient(jnp.asarray(self.clip_std, jnp.float32)))
+
+    def denormalize_embedding(self, x: Array) -> Array:
+        """A sampled x0 [..., D] of the model's embedding space -> a CLIP image embedding, float32.
+
+        With `embedding_stats`: x * clip_std + clip_mean (diffusers' `post_process_latents`, applied
+        once to the final sample, before any best-of-k selection or use by the decoder); otherwise
+        the identity. No gradient reaches the statistics.
+        """
+        x = jnp.asarray(x, jnp.float32)
+        stats = self._stats()
+        return x if stats is None else x * stats[1] + stats[0]
+
+    def normalize_embedding(self, z: Array) -> Array:
+        """The inverse of `denormalize_embedding`: (z - clip_mean) / clip_std, float32 (identity
+        without `embedding_stats`). No gradient reaches the statistics."""
+        z = jnp.asarray(z, jnp.float32)
+        stats = self._stats()
+        return z if stats is None else (z - stats[0]) / stats[1]
 
     def _positions(self, start: int, stop: int) -> Array:
         return jnp.asarray(self.position_embedding[start:stop], self.dtype)[None]
@@ -229,7 +300,8 @@ class DiffusionPrior(nn.Module):
 
 _REQUIRED = ("width", "depth", "num_heads")
 _OPTIONAL = ("head_dim", "mlp_ratio", "activation", "dropout", "scan_layers", "remat_policy",
-             "attention_implementation", "num_timesteps")
+             "attention_implementation", "num_timesteps", "null_conditioning", "embedding_stats",
+             "time_embed_dim")
 
 
 def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
@@ -239,7 +311,8 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     Required: width, depth, num_heads. Optional (module defaults otherwise): head_dim (0 = width //
     num_heads), mlp_ratio, activation, dropout, dtype / param_dtype / matmul_dtype (names like
     "bfloat16" or dtypes; "" = the default), scan_layers, remat_policy, attention_implementation,
-    num_timesteps. Other fields are ignored. The CLIP-dependent sizes
+    num_timesteps, null_conditioning, embedding_stats, time_embed_dim (0 = width). Other fields are
+    ignored. The CLIP-dependent sizes
     come from the keyword arguments (they describe the cached embeddings, not the prior).
     """
     missing = [name for name in _REQUIRED if name not in cfg]
@@ -257,5 +330,10 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
         kwargs["matmul_dtype"] = as_dtype(matmul)
     if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
         kwargs["head_dim"] = None
+    if not kwargs.get("time_embed_dim"):  # 0 in a config means "width".
+        kwargs["time_embed_dim"] = None
+    for name in ("null_conditioning", "embedding_stats"):
+        if name in kwargs:
+            kwargs[name] = bool(kwargs[name])
     return DiffusionPrior(embed_dim=int(embed_dim), text_width=int(text_width),
                           text_length=int(text_length), **kwargs)

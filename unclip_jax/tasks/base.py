@@ -38,8 +38,10 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         """What the workdir records to rebuild the stage without this task (`stages.load`): the
-        sizes beyond the config, and the paths the stage depends on."""
-        return {"sizes": dict(self.stage.sizes), "depends_on": {}}
+        sizes beyond the config, and the paths the stage depends on. A task without a stage
+        (`init_params` and `loss_fn` of its own) records nothing to rebuild."""
+        stage = getattr(self, "stage", None)
+        return {"sizes": dict(stage.sizes) if stage is not None else {}, "depends_on": {}}
 
     def train_pipeline(self, *, local_batch_size: int, process_index: int,
                        process_count: int) -> input_pipeline.Pipeline:

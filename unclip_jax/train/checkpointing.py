@@ -166,6 +166,16 @@ def _tree_differences(checkpoint: Mapping[str, tuple], model: Mapping[str, tuple
     return lines
 
 
+def _raise_if_different(differences: list[str], step_dir, what: str) -> None:
+    """One ValueError listing (the first 20 of) every differing entry, if there is any."""
+    if differences:
+        shown = differences[:_MAX_LISTED_DIFFERENCES]
+        more = len(differences) - len(shown)
+        raise ValueError(
+            f"checkpoint {step_dir} is incompatible with {what} ({len(differences)} differing "
+            "entries):\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # Partial restore: some entries of the state, the rest never read.
 # ---------------------------------------------------------------------------------------------
@@ -197,13 +207,7 @@ def restore_entries(directory: str, abstract: Mapping[str, Any], *, step: int | 
         wanted = _flat_shapes(dict(abstract))
         prefixes = tuple(f"{name}/" for name in abstract)
         differences = _tree_differences({k: v for k, v in stored.items() if k.startswith(prefixes)}, wanted)
-        if differences:
-            shown = differences[:_MAX_LISTED_DIFFERENCES]
-            more = len(differences) - len(shown)
-            raise ValueError(
-                f"checkpoint {epath.Path(directory) / str(step)} is incompatible with the model "
-                f"({len(differences)} differing entries):\n  " + "\n  ".join(shown)
-                + (f"\n  ... and {more} more" if more else ""))
+        _raise_if_different(differences, epath.Path(directory) / str(step), "the model")
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
             dict(abstract))
@@ -353,14 +357,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint {self._step_dir(step)} has no '{STATE_ITEM}' item")
         stored = _flat_shapes(getattr(metadata, "tree", metadata))
         wanted = _flat_shapes(abstract_state)
-        differences = _tree_differences(stored, wanted)
-        if differences:
-            shown = differences[:_MAX_LISTED_DIFFERENCES]
-            more = len(differences) - len(shown)
-            raise ValueError(
-                f"checkpoint {self._step_dir(step)} is incompatible with the model state "
-                f"({len(differences)} differing entries):\n  " + "\n  ".join(shown)
-                + (f"\n  ... and {more} more" if more else ""))
+        _raise_if_different(_tree_differences(stored, wanted), self._step_dir(step), "the model state")
 
     def _check_iterator_state(self, step: int) -> None:
         item_dir = self._step_dir(step) / DATA_ITERATOR_ITEM
