@@ -396,3 +396,70 @@ def test_bad_inputs_fail_clearly(decoder):
     with pytest.raises(ValueError, match="attention_resolutions"):
         jax.eval_shape(UNet(**{**DECODER, "attention_resolutions": (12,)}).init,
                        jax.random.key(0), x_t, t, **cond)
+
+
+# CLIP-text conditioning (Karlo's decoder): z_t and the CLIP text encoder's hidden states instead of
+# the caption transformer; parity with diffusers is tested in tests/convert/test_karlo_unet.py.
+KARLO = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+             image_size=32, head_channels=8, clip_dim=D, clip_tokens=4, clip_scale=1.0,
+             clip_text_width=10, context_dim=24, learned_variance=True)
+
+
+def _karlo_inputs(length=5):
+    x_t, t, cond = _decoder_inputs()
+    k = jax.random.split(jax.random.key(3), 2)
+    return x_t, t, dict(z_i=cond["z_i"], z_t=jax.random.normal(k[0], (B, D)),
+                        text_hidden=jax.random.normal(k[1], (B, length, 10)),
+                        text_mask=jnp.arange(length)[None] < jnp.array([1, 5, 3, 2])[:, None],
+                        drop_z_i=jnp.array([True, False, True, False]))
+
+
+def test_clip_text_conditioning_params_and_names():
+    model = unet_from_config(ml_collections.ConfigDict(KARLO))
+    assert model.uses_clip_text and not model.uses_text and model.context_width == 24
+    x_t, t, cond = _karlo_inputs()
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x_t, t, **cond)
+    specs = assert_every_param_named(abstract, unnamed_ok=("null_z_i",))
+    assert specs["clip_text_seq_proj"]["kernel"] == P(None, "embed")
+    assert specs["clip_text_seq_norm"]["scale"] == P("norm")
+    p = nn.meta.unbox(abstract)["params"]
+    assert p["clip_text_emb_proj"]["kernel"].shape == (D, 64)  # into emb (4 * base)
+    assert p["clip_text_seq_proj"]["kernel"].shape == (10, 24)  # hidden width -> context_dim
+    assert p["clip_tokens_proj"]["kernel"].shape == (D, 4 * 24)
+    assert p["down_1_attn_0"]["context_k_proj"]["kernel"].shape == (24, 4, 8)
+    assert "text_encoder" not in p and "null_text_emb" not in p
+    # Any caption length; the output is the decoder's.
+    for length in (5, 9):
+        x_t, t, cond = _karlo_inputs(length)
+        assert jax.eval_shape(model.apply, abstract, x_t, t, **cond).shape == (B, 32, 32, 6)
+
+
+def test_clip_text_conditioning_bad_inputs_fail_clearly():
+    model = UNet(**KARLO)
+    x_t, t, cond = _karlo_inputs()
+    params = jax.eval_shape(model.init, jax.random.key(0), x_t, t, **cond)
+
+    def run(model=model, **kwargs):
+        jax.eval_shape(lambda: model.apply(params, x_t, t, **{**cond, **kwargs}))
+
+    with pytest.raises(ValueError, match="z_t is required"):
+        run(z_t=None)
+    with pytest.raises(ValueError, match="text_hidden is required"):
+        run(text_hidden=None)
+    with pytest.raises(ValueError, match="text_hidden has shape"):
+        run(text_hidden=cond["text_hidden"][..., :4])
+    with pytest.raises(ValueError, match="text_mask has shape"):
+        run(text_mask=cond["text_mask"][:, :2])
+    with pytest.raises(ValueError, match="no learned null caption"):
+        run(drop_text=jnp.zeros((B,), bool))
+    with pytest.raises(ValueError, match="text_tokens was given"):
+        run(text_tokens=jnp.zeros((B, L), jnp.int32))
+    with pytest.raises(ValueError, match="text_depth=0"):
+        text = {k: v for k, v in DECODER.items() if k.startswith("text_")}
+        run(model=UNet(**{**KARLO, **text, "context_dim": text["text_width"]}))
+    with pytest.raises(ValueError, match="context_dim=24 differs from text_width=16"):
+        jax.eval_shape(lambda: UNet(**{**DECODER, "context_dim": 24}).init(
+            jax.random.key(0), x_t, t, **_decoder_inputs()[2]))
+    with pytest.raises(ValueError, match="z_t was given"):
+        jax.eval_shape(lambda: UNet(**DECODER).init(jax.random.key(0), x_t, t,
+                                                    **_decoder_inputs()[2], z_t=cond["z_t"]))

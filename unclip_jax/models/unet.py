@@ -13,6 +13,22 @@ One module, `UNet`; its fields decide the role:
   no text. The low-resolution image is resized inside the module to the size of x_t and
   concatenated on channels, so the same params run at any size divisible by 2^(levels - 1)
   (trained on crops, sampled at full size).
+- **CLIP-text conditioning** (`clip_text_width > 0`; the unCLIP decoder as Kakao Brain's Karlo and
+  diffusers' `UnCLIPTextProjModel` + `UNet2DConditionModel` build it, see
+  `unclip_jax.convert.karlo_unet`): instead of its own caption transformer the decoder reads a
+  frozen CLIP text encoder's outputs. Inputs (besides x_t, t, z_i, drop_z_i):
+  `z_t` [B, clip_dim], the pooled, projected CLIP text embedding (`text_embeds`), projected
+  (`clip_text_emb_proj`) and added to the timestep embedding next to z_i's term;
+  `text_hidden` [B, L, clip_text_width], the text encoder's last hidden states, projected
+  (`clip_text_seq_proj`) to `context_dim` and LayerNormed (`clip_text_seq_norm`): the caption part
+  of the attention context, after the `clip_tokens` z_i tokens; `text_mask` bool [B, L] (True = real
+  token; None: all real) masks those tokens as keys (the z_i tokens and the image are always keys).
+  `drop_z_i` swaps z_i for the learned `null_z_i` (Karlo's classifier-free-guidance embedding) in
+  both of its projections; there is no learned null caption: guidance's unconditional half passes
+  the CLIP encoding of the empty caption ("") as z_t / text_hidden / text_mask, as Karlo does, so
+  `drop_text` must be None. Karlo feeds z_i unscaled: `clip_scale=1`.
+- `context_dim > 0` sets the width of the attention-context tokens (Karlo's `cross_attention_dim`);
+  0 keeps `text_width` with the caption transformer, else `emb_dim`.
 - `clip_dim=0` and `text_depth=0` with `low_res_conditioning=False` is an unconditional UNet.
 - `clip_spatial=s` (not in the paper) also projects z_i to an s x s map added to the bottleneck
   features: a direct, linear path from the embedding to where things are, which the timestep
@@ -319,9 +335,11 @@ class UNet(nn.Module):
     level, `attention_resolutions` in pixels at `image_size`. Attention heads: channels //
     `head_channels` when `head_channels` > 0, else `num_heads`. `num_groups` caps the GroupNorm
     group count. Conditioning: `clip_dim` (0 = none), `clip_tokens` context tokens from z_i,
-    `text_*` for the caption transformer (`text_depth=0` = none), `low_res_conditioning` for the
-    upsamplers (resize method `low_res_resize`). `num_timesteps` rescales t to a 1000-step
-    embedding as the prior does. `remat` wraps every residual and attention block in `nn.remat`.
+    `text_*` for the caption transformer (`text_depth=0` = none), `clip_text_width` for a CLIP text
+    encoder's outputs instead (Karlo), `context_dim` for the context tokens' width,
+    `low_res_conditioning` for the upsamplers (resize method `low_res_resize`). `num_timesteps`
+    rescales t to a 1000-step embedding as the prior does. `remat` wraps every residual and
+    attention block in `nn.remat`.
     """
     base_channels: int = 64
     channel_mult: Sequence[int] = (1, 2, 4)
@@ -349,6 +367,8 @@ class UNet(nn.Module):
     text_depth: int = 0
     text_heads: int = 1
     text_causal: bool = True
+    clip_text_width: int = 0  # > 0: CLIP-text conditioning (z_t, text_hidden; Karlo), see above
+    context_dim: int = 0  # width of the attention-context tokens; 0 = text_width or emb_dim
     num_timesteps: int = 1000
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -374,8 +394,16 @@ class UNet(nn.Module):
         return self.text_depth > 0
 
     @property
+    def uses_clip_text(self) -> bool:
+        """The CLIP-text conditioning (z_t and text_hidden inputs; Karlo's text projection)."""
+        return self.clip_text_width > 0
+
+    @property
     def context_width(self) -> int:
-        """Width of the attention-context tokens: text_width with text, else emb_dim."""
+        """Width of the attention-context tokens: `context_dim` when set, else text_width with the
+        caption transformer, else emb_dim."""
+        if self.context_dim:
+            return self.context_dim
         return self.text_width if self.uses_text else self.emb_dim
 
     @property
@@ -413,10 +441,21 @@ class UNet(nn.Module):
         if self.text_spatial < 0 or (self.text_spatial and not self.uses_text):
             raise ValueError(f"{name}.text_spatial={self.text_spatial} needs text_depth > 0 "
                              "(it projects the caption) and must be >= 0")
+        if self.clip_text_width < 0 or self.context_dim < 0:
+            raise ValueError(f"{name}: clip_text_width and context_dim must be >= 0, got "
+                             f"{self.clip_text_width} and {self.context_dim}")
+        if self.context_dim and self.uses_text and self.context_dim != self.text_width:
+            raise ValueError(f"{name}.context_dim={self.context_dim} differs from text_width="
+                             f"{self.text_width}: the caption transformer's tokens are the context")
+        if self.uses_clip_text and (self.uses_text or not self.clip_dim):
+            raise ValueError(f"{name}.clip_text_width={self.clip_text_width} (CLIP-text "
+                             "conditioning) needs clip_dim > 0 (z_i and z_t) and text_depth=0 (it "
+                             "replaces the caption transformer)")
         if self.num_timesteps <= 0:
             raise ValueError(f"{name}.num_timesteps must be positive, got {self.num_timesteps}")
 
-    def _check_inputs(self, x_t, t, z_i, text_tokens, text_mask, drop_z_i, drop_text, low_res):
+    def _check_inputs(self, x_t, t, z_i, text_tokens, text_mask, drop_z_i, drop_text, low_res,
+                      z_t=None, text_hidden=None):
         c = self.image_channels
         if x_t.ndim != 4 or x_t.shape[-1] != c:
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}; expected [batch, height, width, "
@@ -431,7 +470,7 @@ class UNet(nn.Module):
 
         def expect(value, what, shape, enabled, flag):
             if value is None:
-                if enabled and what in ("z_i", "text_tokens", "low_res"):
+                if enabled and what in ("z_i", "text_tokens", "low_res", "z_t", "text_hidden"):
                     raise ValueError(f"{what} is required: the model has {flag}")
                 return
             if not enabled:
@@ -440,12 +479,27 @@ class UNet(nn.Module):
             if shape is not None and tuple(value.shape) != shape:
                 raise ValueError(f"{what} has shape {tuple(value.shape)}; expected {shape}")
 
-        clip_on, text_on = self.clip_dim > 0, self.uses_text
+        clip_on, text_on, clip_text_on = self.clip_dim > 0, self.uses_text, self.uses_clip_text
         expect(z_i, "z_i", (b, self.clip_dim), clip_on, "clip_dim > 0")
         expect(drop_z_i, "drop_z_i", (b,), clip_on, "clip_dim > 0")
         expect(text_tokens, "text_tokens", (b, self.text_length), text_on, "text_depth > 0")
-        expect(text_mask, "text_mask", (b, self.text_length), text_on, "text_depth > 0")
-        expect(drop_text, "drop_text", (b,), text_on, "text_depth > 0")
+        expect(z_t, "z_t", (b, self.clip_dim), clip_text_on, "clip_text_width > 0")
+        expect(text_hidden, "text_hidden", None, clip_text_on, "clip_text_width > 0")
+        if clip_text_on:
+            if text_hidden.ndim != 3 or text_hidden.shape[0] != b or (
+                    text_hidden.shape[-1] != self.clip_text_width):
+                raise ValueError(f"text_hidden has shape {tuple(text_hidden.shape)}; expected "
+                                 f"[batch, length, clip_text_width] = [{b}, L, "
+                                 f"{self.clip_text_width}]")
+            expect(text_mask, "text_mask", tuple(text_hidden.shape[:2]), True, "")
+            if drop_text is not None:
+                raise ValueError(
+                    "drop_text was given but CLIP-text conditioning (clip_text_width > 0) has no "
+                    "learned null caption: pass the CLIP encoding of the empty caption as z_t, "
+                    "text_hidden and text_mask instead (as Karlo's guidance does)")
+        else:
+            expect(text_mask, "text_mask", (b, self.text_length), text_on, "text_depth > 0")
+            expect(drop_text, "drop_text", (b,), text_on, "text_depth > 0")
         expect(low_res, "low_res", None, self.low_res_conditioning, "low_res_conditioning=True")
         if low_res is not None and (low_res.ndim != 4 or low_res.shape[0] != b
                                     or low_res.shape[-1] != c):
@@ -510,6 +564,20 @@ class UNet(nn.Module):
             seq, mask = drop_to_null_token(seq, mask, drop, null_token)
         return emb, seq, mask
 
+    def _clip_text_conditioning(self, z_t: Array, hidden: Array, mask: Array | None):
+        """Karlo's text projection: z_t [B, D] and the CLIP text encoder's hidden states
+        [B, L, clip_text_width] -> (emb term [B, E], context tokens [B, L, context_width],
+        key mask [B, L])."""
+        emb = _dense(self.emb_dim, (None, "embed"), "clip_text_emb_proj", self.dtype,
+                     self.param_dtype)(z_t.astype(self.dtype))
+        seq = _dense(self.context_width, (None, "embed"), "clip_text_seq_proj", self.dtype,
+                     self.param_dtype)(hidden.astype(self.dtype))
+        seq = LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="clip_text_seq_norm")(seq)
+        b, length = hidden.shape[:2]
+        mask = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
+        return emb, seq, mask
+
     def _bottleneck_map(self, side: int, source: Array, name: str) -> Array:
         """source [B, F] -> a [B, side, side, bottleneck channels] map (resized where it is added)."""
         width = self.base_channels * self.channel_mult[-1]
@@ -524,7 +592,8 @@ class UNet(nn.Module):
     def __call__(self, x_t: Array, t: Array, *, z_i: Array | None = None,
                  text_tokens: Array | None = None, text_mask: Array | None = None,
                  drop_z_i: Array | None = None, drop_text: Array | None = None,
-                 low_res: Array | None = None, train: bool = False) -> Array:
+                 low_res: Array | None = None, z_t: Array | None = None,
+                 text_hidden: Array | None = None, train: bool = False) -> Array:
         """Predicts the diffusion output for x_t at step t.
 
         x_t: [B, H, W, image_channels] (H, W multiples of 2^(levels - 1)); t: [B] diffusion step
@@ -534,10 +603,15 @@ class UNet(nn.Module):
         drop_z_i / drop_text: bool [B], True where that condition is replaced by its learned null
         (None: never); low_res: [B, h, w, image_channels] in [-1, 1] (iff low_res_conditioning),
         resized to H x W inside. train: enables dropout (needs a "dropout" rng).
+        With `clip_text_width > 0` (CLIP-text conditioning, Karlo) instead of the caption tokens:
+        z_t [B, clip_dim] the CLIP text embedding, text_hidden [B, L, clip_text_width] the CLIP
+        text encoder's last hidden states, text_mask bool [B, L] (None: all real); drop_text must
+        be None.
         Returns float32 [B, H, W, out_channels].
         """
         self._check_config()
-        self._check_inputs(x_t, t, z_i, text_tokens, text_mask, drop_z_i, drop_text, low_res)
+        self._check_inputs(x_t, t, z_i, text_tokens, text_mask, drop_z_i, drop_text, low_res,
+                           z_t, text_hidden)
         batch, height, width, _ = x_t.shape
 
         emb = self._time_embedding(t)
@@ -558,6 +632,12 @@ class UNet(nn.Module):
             if clip_seq is not None:
                 context.append(clip_seq.astype(self.dtype))
                 context_mask.append(jnp.ones(clip_seq.shape[:2], bool))
+        if self.uses_clip_text:  # Karlo: the z_i tokens first, then the caption's
+            text_emb, text_seq, text_keys = self._clip_text_conditioning(z_t, text_hidden,
+                                                                         text_mask)
+            emb = emb + text_emb
+            context.append(text_seq.astype(self.dtype))
+            context_mask.append(text_keys)
         emb = nn.with_logical_constraint(emb, ("act_batch", "act_embed"))
         ctx = jnp.concatenate(context, axis=1) if context else None
         ctx_mask = jnp.concatenate(context_mask, axis=1) if context else None
@@ -634,7 +714,8 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
            "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
-           "text_depth", "text_heads", "text_causal", "num_timesteps", "remat",
+           "text_depth", "text_heads", "text_causal", "clip_text_width", "context_dim",
+           "num_timesteps", "remat",
            "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
 
