@@ -28,7 +28,7 @@ _WORKDIRS: dict[str, str] = {}
 DECODER_GUIDANCE = helpers.tiny_config("decoder").diffusion.guidance_scale
 
 
-def _random_leaf(path, leaf, rng: np.random.Generator) -> np.ndarray:
+def random_leaf(path, leaf, rng: np.random.Generator) -> np.ndarray:
     """Random values for one param: norm scales near 1, kernels ~ N(0, 1/fan_in), the rest small."""
     name = str(getattr(path[-1], "key", path[-1])) if path else ""
     shape = tuple(leaf.shape)
@@ -56,7 +56,7 @@ def write_random_stage(config, workdir: str, *, seed: int = 0) -> str:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract = state_lib.abstract_train_state(task, tx, jax.random.key(seed), mesh, rules)
     rng = np.random.default_rng(seed)
-    params = jax.tree_util.tree_map_with_path(lambda p, x: _random_leaf(p, x, rng), abstract.params)
+    params = jax.tree_util.tree_map_with_path(lambda p, x: random_leaf(p, x, rng), abstract.params)
     state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
     state = state.replace(params=params, ema_params=params)
     state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), state, abstract)

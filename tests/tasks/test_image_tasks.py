@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests import helpers, numerics
+from tests import helpers, numerics, pipeline_stages
 from tests.train import tiny_clip
 from unclip_jax import parallel
 from unclip_jax.tasks import decoder as decoder_task
@@ -38,11 +38,14 @@ def test_decoder_evaluation_judges_decoded_images_and_writes_a_grid(clip_with_ca
 
 
 def _task_with_random_params(config, tmp_path):
-    """A decoder stage, perturbed init params (a zero-init output would hide the conditioning), the
+    """A decoder stage, random params (a zero-init output would hide the conditioning), the
     conditioning of 4 validation examples, and x_t, t for one model call."""
     task = decoder_task.DecoderTask(config, str(tmp_path))
-    params = parallel.unbox(task.init_params(jax.random.key(0)))
-    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape), params)
+    # Random params of the init's shapes (no init to run or compile), none of them zero.
+    rng = np.random.default_rng(0)
+    abstract = parallel.unbox(jax.eval_shape(task.init_params, jax.random.key(0)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.asarray(pipeline_stages.random_leaf(p, a, rng)), abstract)
     source = task.source("validation")
     items = [source[i] for i in range(4)]
     batch = {"z_i": jnp.stack([x["z_i"] for x in items]), "tokens": jnp.stack([x["tokens"] for x in items])}
