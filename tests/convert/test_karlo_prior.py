@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from tests import numerics  # noqa: E402
+from tests.convert import karlo_tiny as karlo_tiny_models  # noqa: E402
 from tests.models.param_checks import assert_every_param_named  # noqa: E402
 from unclip_jax.convert import karlo_prior  # noqa: E402
 from unclip_jax.models.prior import prior_from_config  # noqa: E402
@@ -34,23 +35,7 @@ STEPS = [0, 17, 250, 640, 999]
 
 
 def _random_prior(seed, **overrides):
-    from diffusers import PriorTransformer
-
-    torch.manual_seed(seed)
-    config = {**TINY, **overrides}
-    model = PriorTransformer(**config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name == "clip_std":
-                p.copy_(0.5 + torch.rand_like(p))
-            elif name.endswith("weight") and "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("weight") and p.ndim == 2:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-            else:  # biases, positions, prd query, clip_mean
-                p.copy_(0.3 * torch.randn_like(p))
-    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    return model, config, state
+    return karlo_tiny_models.random_prior(seed, {**TINY, **overrides})
 
 
 def _inputs(seed=0, lengths=LENGTHS):

@@ -15,23 +15,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from tests import numerics  # noqa: E402
+from tests.convert.karlo_tiny import (CROSS, DECODER, SUPER_RES, TEXT_PROJ, TOKENS, D,  # noqa: E402,F401
+                                      nchw as _nchw, nhwc as _nhwc, randomise as _randomise,
+                                      state as _state)
 from unclip_jax.convert import karlo_unet  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
 
-D, TOKENS, CROSS, L = 12, 4, 16, 7  # CLIP width, z_i context tokens, context width, caption length
-DECODER = dict(
-    sample_size=16, layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-    mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), in_channels=3,
-    out_channels=6, cross_attention_dim=CROSS, class_embed_type="identity", attention_head_dim=8,
-    resnet_time_scale_shift="scale_shift", norm_num_groups=8)
-TEXT_PROJ = dict(clip_extra_context_tokens=TOKENS, clip_embeddings_dim=D, time_embed_dim=4 * 32,
-                 cross_attention_dim=CROSS)
-SUPER_RES = dict(
-    sample_size=16, layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D",) * 3,
-    up_block_types=("ResnetUpsampleBlock2D",) * 3, block_out_channels=(16, 32, 48), in_channels=6,
-    out_channels=3, add_attention=False, norm_num_groups=8)
+L = 7  # caption length (D, TOKENS, CROSS, DECODER, TEXT_PROJ, SUPER_RES: karlo_tiny)
 # Karlo's published configs (diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py).
 KARLO_DECODER = dict(
     sample_size=64, layers_per_block=3,
@@ -47,28 +37,6 @@ KARLO_SUPER_RES = dict(
     in_channels=6, out_channels=3, add_attention=False)
 T = np.array([0, 250, 600, 999])
 B = len(T)
-
-
-def _randomise(module, seed):
-    """Every parameter moved off its initialisation (norms ~1 +- 0.2, zero inits included)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            fan_in = int(np.prod(p.shape[1:])) if p.ndim > 1 else 1
-            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.5 / np.sqrt(fan_in)))
-    return module.eval()
-
-
-def _state(module):
-    return {k: v.numpy() for k, v in module.state_dict().items()}
-
-
-def _nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def _nhwc(x):
-    return x.detach().numpy().transpose(0, 2, 3, 1)
 
 
 def _model_shapes(model, *args, **kwargs):

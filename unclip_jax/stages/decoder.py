@@ -4,6 +4,25 @@ Conditioning (paper §2.1): z_i projected into the timestep embedding and into 4
 tokens next to the decoder's own caption transformer; z_i is replaced by a learned null 10% of the
 time and the caption 50% of the time (config fields) for classifier-free guidance. Learned variance
 with the hybrid loss, as the paper, or fixed variance (`diffusion.learned_variance=False`).
+
+Karlo mode (`diffusion.sampler = "karlo"`, see `image_diffusion.is_karlo`): the decoder samples as
+diffusers' `UnCLIPPipeline` samples Kakao Brain's Karlo decoder (imported by
+`unclip_jax.convert.karlo_unet.decoder_config` / `convert_decoder`: CLIP-text conditioning,
+`clip_text_width > 0`, required; learned variance). `sample_body` then returns
+`(params, z_i, z_t, text_hidden, text_mask, uncond_z_t, uncond_hidden, uncond_mask, rng,
+x_T=None, step_noise=None) -> x_0 float32 [B, side, side, 3] in [-1, 1]`:
+- z_i [B, D]: the prior's output as the pipeline passes it (denormalised, not unit); z_t [B, D],
+  text_hidden [B, L, W], text_mask bool [B, L]: the caption's CLIP text encodings (unnormalised
+  `text_embeds`, `last_hidden_state`, the tokenizer's attention mask); `uncond_*`: the same for the
+  empty caption "" (batch B or 1).
+- guidance over the doubled batch: the conditional half sees (z_i, caption), the unconditional
+  half the learned guidance embedding (`drop_z_i`) and the empty caption; uncond + s (cond - uncond)
+  on the eps channels with the conditional half's variance (`guidance_scale`; Karlo: 8.0; 1 runs
+  the conditional half alone).
+- `unclip.KARLO_DECODER` sampling (25 steps by default; eps, learned range unclipped, x0 clipped to
+  1) and the pipeline's final clamp to [-1, 1]. x_T / step_noise replace the drawn noise.
+`karlo_model_fn` is the (guided) model function of this mode. Neither training (`loss`) nor the
+token-based `guided_model_fn` / `invert_body` / `decode` are supported in this mode.
 """
 from __future__ import annotations
 
@@ -17,6 +36,7 @@ from jax.sharding import Mesh
 
 from unclip_jax import parallel
 from unclip_jax.diffusion import pixels, samplers
+from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.models.layers import text_mask
 from unclip_jax.stages import image_diffusion as diff_lib
@@ -42,8 +62,23 @@ class DecoderStage:
             config.model, clip_dim=self.clip_dim, text_length=self.text_length,
             text_vocab_size=-(-int(vocab_size) // 128) * 128,
             learned_variance=bool(config.diffusion.learned_variance))
-        self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
+        self.karlo = diff_lib.is_karlo(config.diffusion)
+        if self.karlo:  # See the module docstring: the converter's model options, Karlo's schedule.
+            if not self.model.uses_clip_text:
+                raise ValueError("Karlo mode (diffusion.sampler='karlo') needs the Karlo decoder's "
+                                 "CLIP-text conditioning: model.clip_text_width > 0 "
+                                 "(convert.karlo_unet.decoder_config)")
+            karlo = diff_lib.karlo_sampling("decoder", config.diffusion)
+            self.schedule = Schedule.named(karlo.noise_schedule, karlo.num_train_timesteps)
+            self.sample_schedule = karlo.schedule()
+        else:
+            self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
         self._jitted = parallel.JitCache()
+
+    def _refuse_karlo(self, what: str) -> None:
+        if self.karlo:
+            raise ValueError(f"the decoder is in Karlo mode (diffusion.sampler='karlo'): {what} is "
+                             "not supported (sample_body and karlo_model_fn are)")
 
     def _conditioning(self, batch: Mapping[str, jax.Array], drop_z_i=None, drop_text=None):
         """The UNet's conditioning kwargs: z_i, and the caption unless the text pathway is off."""
@@ -52,6 +87,9 @@ class DecoderStage:
             tokens = batch["tokens"]
             cond.update(text_tokens=tokens, text_mask=text_mask(tokens, self.eot_token_id),
                         drop_text=drop_text)
+        if self.model.uses_clip_text:  # Karlo: the CLIP text encodings (no learned null caption)
+            cond.update(z_t=batch["z_t"], text_hidden=batch["text_hidden"],
+                        text_mask=batch["text_mask"])
         return cond
 
     # ------------------------------------------------------------------ model and loss
@@ -59,11 +97,18 @@ class DecoderStage:
         """The model's params (boxed with logical axis names). Runs under eval_shape and jit."""
         b, s, no = 1, self.side, jnp.zeros((1,), bool)
         batch = {"z_i": jnp.zeros((b, self.clip_dim)), "tokens": jnp.zeros((b, self.text_length), jnp.int32)}
+        if self.model.uses_clip_text:
+            batch.update(z_t=jnp.zeros((b, self.clip_dim)),
+                         text_hidden=jnp.zeros((b, self.text_length, self.model.clip_text_width)),
+                         text_mask=jnp.ones((b, self.text_length), bool))
+            return self.model.init(rng, jnp.zeros((b, s, s, self.model.image_channels)),
+                                   jnp.zeros((b,), jnp.int32), **self._conditioning(batch, no))["params"]
         return self.model.init(rng, jnp.zeros((b, s, s, 3)), jnp.zeros((b,), jnp.int32),
                                **self._conditioning(batch, no, no))["params"]
 
     def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
         """The diffusion loss of a batch of uint8 `image`, `z_i` and caption `tokens`."""
+        self._refuse_karlo("training (loss)")
         diff = self.config.diffusion
         noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = pixels.to_model_range(batch["image"])
@@ -90,6 +135,7 @@ class DecoderStage:
         neither (`diffusion.guidance_drops="all"`, the paper's) or only the caption (`"z_i"`: the
         guidance then pushes along z_i alone, with the caption held in both halves).
         """
+        self._refuse_karlo("guided_model_fn (caption tokens)")
         drops = self.config.diffusion.get("guidance_drops", "all")
         if drops not in GUIDANCE_DROPS:
             raise ValueError(f"diffusion.guidance_drops={drops!r}: expected one of {GUIDANCE_DROPS}")
@@ -122,7 +168,12 @@ class DecoderStage:
         x_0: float32 [B, side, side, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec) and
         `eta` (DDIM only) default to the config's; `x_T` [B, side, side, 3] replaces the drawn noise;
         `drop_text` conditions on z_i alone (see `guided_model_fn`).
+        In Karlo mode: the sampler of the module docstring (`sampler` None or "karlo", `steps` a
+        number of inference steps; `eta` and `drop_text` are not used).
         """
+        if self.karlo:
+            diff_lib.check_karlo_sampler("decoder", sampler)
+            return self._karlo_sample_body(guidance_scale=guidance_scale, steps=steps)
         diff = self.config.diffusion
         name = sampler or diff.sampler
         schedule = self.schedule_for(steps)
@@ -136,6 +187,46 @@ class DecoderStage:
 
         return sample
 
+    def karlo_model_fn(self, params, z_i: jax.Array, text, uncond, guidance_scale: float):
+        """Karlo mode's model function `(x_t, t) -> output` (see the module docstring).
+
+        text = (z_t [B, D], text_hidden [B, L, W], text_mask bool [B, L]) of the captions; uncond:
+        the same three of the empty caption (batch B or 1). Guided when the scale is not 1.
+        """
+        z_i = jnp.asarray(z_i, jnp.float32)
+        text = (jnp.asarray(text[0], jnp.float32), jnp.asarray(text[1], jnp.float32),
+                jnp.asarray(text[2], bool))
+        names = ("z_t", "text_hidden", "text_mask")
+        cond = {"z_i": z_i, **dict(zip(names, text))}
+        apply = lambda x, t, batch, drop: self.model.apply(  # noqa: E731
+            {"params": params}, x, t, **self._conditioning(batch, drop))
+        if guidance_scale == 1:
+            return lambda x, t: apply(x, t, cond, None)
+        b = z_i.shape[0]
+        uncond = [jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape) for u, c in zip(uncond, text)]
+        two = {"z_i": jnp.concatenate([z_i, z_i]),
+               **{n: jnp.concatenate([c, u]) for n, c, u in zip(names, text, uncond)}}
+        drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
+        return samplers.guided(lambda x, t: apply(x, t, two, drop), guidance_scale,
+                               learned_variance=bool(self.model.learned_variance))
+
+    def _karlo_sample_body(self, *, guidance_scale: float, steps=None):
+        """Karlo mode's sampler (see the module docstring)."""
+        karlo = diff_lib.karlo_sampling("decoder", self.config.diffusion, steps)
+        schedule = karlo.schedule()
+        channels = int(self.model.image_channels)
+
+        def sample(params, z_i, z_t, text_hidden, text_mask, uncond_z_t, uncond_hidden, uncond_mask,
+                   rng, x_T=None, step_noise=None):
+            model_fn = self.karlo_model_fn(params, z_i, (z_t, text_hidden, text_mask),
+                                           (uncond_z_t, uncond_hidden, uncond_mask), guidance_scale)
+            shape = (z_i.shape[0], self.side, self.side, channels)
+            x0 = karlo.sample(model_fn, shape, rng, x_T=x_T, step_noise=step_noise,
+                              schedule=schedule)
+            return jnp.clip(x0, -1.0, 1.0)
+
+        return sample
+
     def invert_body(self, *, guidance_scale: float = 1.0, steps=None, num_fixed_point_iters: int = 0,
                     drop_text: bool = False):
         """Un-jitted DDIM inversion `(params, x_0 [B, side, side, 3] in [-1, 1], z_i, tokens) -> x_T`.
@@ -144,6 +235,7 @@ class DecoderStage:
         settings uses, so DDIM at eta = 0 from the returned x_T reconstructs x_0 (exactly as
         `num_fixed_point_iters` grows; see `samplers.ddim_invert`).
         """
+        self._refuse_karlo("invert_body (caption tokens)")
         diff = self.config.diffusion
         schedule = self.schedule_for(steps)
 
@@ -158,6 +250,7 @@ class DecoderStage:
     def decode(self, params, mesh: Mesh, z_i: np.ndarray, tokens: np.ndarray, rng: jax.Array, *,
                batch_size: int = 64, guidance_scale: float | None = None) -> np.ndarray:
         """Decodes unit z_i [N, D] (with caption tokens [N, L]) to uint8 images [N, side, side, 3]."""
+        self._refuse_karlo("decode (caption tokens)")
         scale = float(self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale)
         fn = self._jitted(mesh, ("sample", scale), lambda: self.sample_body(guidance_scale=scale))
         images = parallel.map_batches(lambda i, z, tok: fn(params, z, tok, jax.random.fold_in(rng, i)),

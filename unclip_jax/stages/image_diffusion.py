@@ -1,13 +1,16 @@
-"""Pieces shared by the image diffusion stages (decoder, upsamplers): schedules, loss, sampling."""
+"""Pieces shared by the image diffusion stages (decoder, upsamplers): schedules, loss, sampling;
+and the Karlo-mode switch shared by every diffusion stage (prior included)."""
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from unclip_jax.diffusion import gaussian, samplers
+from unclip_jax.diffusion import gaussian, samplers, unclip
 from unclip_jax.diffusion.schedules import Schedule
 
 
@@ -53,3 +56,59 @@ def sample_images(diffusion: ml_collections.ConfigDict, schedule: Schedule, mode
         kwargs.setdefault("eta", float(diffusion.get("eta", 0.0)))
     return samplers.sample(name, fn, schedule, shape, rng, param=diffusion.param,
                            learned_variance=learned, clip_x0=clip_x0, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Karlo mode (Kakao Brain's Karlo as diffusers' UnCLIPPipeline samples it), shared by the stages.
+# ---------------------------------------------------------------------------------------------
+KARLO = "karlo"
+"""`diffusion.sampler` of a stage config in Karlo mode (see `is_karlo`)."""
+
+
+def is_karlo(diffusion: ml_collections.ConfigDict) -> bool:
+    """Whether a stage config's `diffusion` block selects Karlo mode: `diffusion.sampler == "karlo"`.
+
+    In Karlo mode a stage's `sample_body` reproduces its part of diffusers' `UnCLIPPipeline.__call__`
+    (the `UnCLIPScheduler` settings of `diffusion.unclip.KARLO_STAGES`, the pipeline's guidance and
+    pre/post-processing) on weights imported by `unclip_jax.convert.karlo_*`; the model block must
+    carry the converter's options (each stage checks the ones it needs). Training (`loss`) is not
+    supported in this mode.
+    """
+    return diffusion.get("sampler", None) == KARLO
+
+
+def karlo_sampling(stage: str, diffusion: ml_collections.ConfigDict, steps=None):
+    """The `unclip.KarloSampling` of `stage` ("prior" | "decoder" | "super_res") for a Karlo-mode
+    `diffusion` block, with its number of steps: `steps`, else `diffusion.sample_steps` when the
+    block has one, else Karlo's (UnCLIPPipeline's defaults 25 / 25 / 7). Steps are a plain number
+    of inference steps (`UnCLIPScheduler.set_timesteps(K)`): an int or a string of digits.
+
+    Raises ValueError listing every field of the block that contradicts Karlo's sampling
+    (`schedule` other than cosine, `num_timesteps` other than 1000, another `param` or
+    `learned_variance`, the upsamplers' `residual`).
+    """
+    base = unclip.KARLO_STAGES[stage]
+    problems = []
+    expected = {"schedule": base.noise_schedule, "num_timesteps": base.num_train_timesteps,
+                "param": base.param, "learned_variance": base.learned_variance, "residual": False}
+    for name, want in expected.items():
+        if name in diffusion and diffusion[name] is not None and diffusion[name] != want:
+            problems.append(f"diffusion.{name}={diffusion[name]!r} (Karlo's {stage}: {want!r})")
+    value = steps if steps is not None else diffusion.get("sample_steps", None)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+        problems.append(f"steps={value!r}: Karlo mode takes a positive number of inference steps "
+                        "(UnCLIPScheduler.set_timesteps), not a respacing spec")
+        value = None
+    if problems:
+        raise ValueError(f"Karlo mode (diffusion.sampler={KARLO!r}) of the {stage}: "
+                         + "; ".join(problems))
+    return base if value is None else dataclasses.replace(base, num_inference_steps=int(value))
+
+
+def check_karlo_sampler(stage: str, sampler: str | None) -> None:
+    """A Karlo-mode stage samples only as Karlo does: `sampler` must be None or "karlo"."""
+    if sampler not in (None, KARLO):
+        raise ValueError(f"the {stage} is in Karlo mode (diffusion.sampler={KARLO!r}): sampler="
+                         f"{sampler!r} is not supported (None or {KARLO!r})")

@@ -9,6 +9,25 @@ learned null embeddings 10% of the time for classifier-free guidance.
 Sampling: strided steps (64), DDPM ancestral with the fixed small (posterior) variance by default
 (the paper uses Analytic-DPM; Karlo uses the same fixed small variance), optional guidance, and the
 paper's best-of-2: two z_i per caption, keeping the one with the higher dot product with z_t.
+
+Karlo mode (`diffusion.sampler = "karlo"`, see `image_diffusion.is_karlo`): the prior samples as
+diffusers' `UnCLIPPipeline` samples Kakao Brain's Karlo prior (imported by
+`unclip_jax.convert.karlo_prior`; its `model` block has `null_conditioning=False` and
+`embedding_stats=True`, both required). `sample_body` then returns
+`(params, z_t, text_hidden, text_mask, uncond_z_t, uncond_hidden, uncond_mask, rng, x_T=None,
+step_noise=None) -> z_i [B, D]`:
+- z_t [B, D]: the CLIP text encoder's projected, UNnormalised `text_embeds`; text_hidden
+  [B, L, W]: its `last_hidden_state`; text_mask bool [B, L]: the tokenizer's attention mask. The
+  `uncond_*` three are the same for the empty caption "" (batch B, or 1: broadcast), the input of
+  guidance's unconditional half (Karlo has no learned nulls).
+- guidance uncond + s (cond - uncond) on the predicted x0 (`guidance_scale`; Karlo: 4.0; a scale
+  of 1 runs the conditional half alone), `unclip.KARLO_PRIOR` sampling (25 steps by default,
+  x0 prediction clipped to 5, fixed small variance): no sqrt(D) scaling of z_t or of the sample.
+- the final sample goes through `denormalize_embedding` (x * clip_std + clip_mean, the pipeline's
+  `post_process_latents`) and is returned as is: no unit normalisation (the pipeline passes it to
+  the decoder unnormalised). best-of-k (scores against z_t) only when best_of > 1 (Karlo: 1).
+- x_T [B * best_of, D] and step_noise [steps - 1, B * best_of, D] replace the drawn noise (rng
+  may then be None), as `samplers.ddpm_sample`.
 """
 from __future__ import annotations
 
@@ -26,6 +45,7 @@ from unclip_jax.diffusion import gaussian, samplers
 from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import prior as prior_lib
 from unclip_jax.models.layers import text_mask
+from unclip_jax.stages import image_diffusion as diff_lib
 
 
 def best_of_k(z_i: jax.Array, z_t: jax.Array) -> jax.Array:
@@ -52,11 +72,22 @@ class PriorStage:
         self.embed_dim, self.text_length, self.text_width = int(embed_dim), int(text_length), int(text_width)
         self.eot_token_id = int(eot_token_id)
         diff = config.diffusion
-        self.scale = float(diff.embedding_scale) if diff.embedding_scale else math.sqrt(embed_dim)
+        self.karlo = diff_lib.is_karlo(diff)
         self.model = prior_lib.prior_from_config(config.model, embed_dim=self.embed_dim,
                                                  text_width=self.text_width, text_length=self.text_length)
-        self.schedule = Schedule.named(diff.schedule, int(diff.num_timesteps))
-        self.sample_schedule = self.schedule.respace(diff.sample_steps)
+        if self.karlo:  # See the module docstring: the converter's model options, Karlo's schedule.
+            if self.model.null_conditioning or not self.model.embedding_stats:
+                raise ValueError("Karlo mode (diffusion.sampler='karlo') needs the Karlo prior's "
+                                 "model options null_conditioning=False and embedding_stats=True "
+                                 "(convert.karlo_prior.prior_config)")
+            karlo = diff_lib.karlo_sampling("prior", diff)
+            self.scale = 1.0
+            self.schedule = Schedule.named(karlo.noise_schedule, karlo.num_train_timesteps)
+            self.sample_schedule = karlo.schedule()
+        else:
+            self.scale = float(diff.embedding_scale) if diff.embedding_scale else math.sqrt(embed_dim)
+            self.schedule = Schedule.named(diff.schedule, int(diff.num_timesteps))
+            self.sample_schedule = self.schedule.respace(diff.sample_steps)
         self._jitted = parallel.JitCache()
 
     # ------------------------------------------------------------------ model and loss
@@ -68,6 +99,9 @@ class PriorStage:
 
     def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
         """MSE to the clean scaled z_i of a batch of `z_i`, `z_t`, `text_hidden`, `tokens`."""
+        if self.karlo:
+            raise ValueError("the prior is in Karlo mode (diffusion.sampler='karlo'): sampling "
+                             "imported weights only, no training loss")
         z_i = batch["z_i"] * self.scale
         z_t = batch["z_t"] * self.scale
         b = z_i.shape[0]
@@ -88,7 +122,12 @@ class PriorStage:
 
         z_i: unit vectors [B, D], the best of `best_of` candidates per caption. `steps` (a
         respacing spec of the training schedule) defaults to the config's `sample_steps`.
+        In Karlo mode: the sampler of the module docstring (`sampler` None or "karlo"; `steps` a
+        number of inference steps).
         """
+        if self.karlo:
+            diff_lib.check_karlo_sampler("prior", sampler)
+            return self._karlo_sample_body(guidance_scale=guidance_scale, best_of=best_of, steps=steps)
         eot = self.eot_token_id
         schedule = self.sample_schedule if steps is None else self.schedule.respace(steps)
         model = self.model
@@ -117,11 +156,48 @@ class PriorStage:
 
         return sample
 
+    def _karlo_sample_body(self, *, guidance_scale: float, best_of: int, steps=None):
+        """Karlo mode's sampler (see the module docstring)."""
+        karlo = diff_lib.karlo_sampling("prior", self.config.diffusion, steps)
+        schedule = karlo.schedule()
+        model, d = self.model, self.embed_dim
+
+        def sample(params, z_t, text_hidden, text_mask, uncond_z_t, uncond_hidden, uncond_mask, rng,
+                   x_T=None, step_noise=None):
+            b = z_t.shape[0]
+            text = (jnp.asarray(z_t, jnp.float32), jnp.asarray(text_hidden, jnp.float32),
+                    jnp.asarray(text_mask, bool))
+            uncond = tuple(jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape)
+                           for u, c in zip((uncond_z_t, uncond_hidden, uncond_mask), text))
+            rep = lambda x: jnp.repeat(x, best_of, axis=0)  # noqa: E731  [B*k, ...], k per caption.
+            apply = lambda method, *args: model.apply({"params": params}, *args, method=method)  # noqa: E731
+            if guidance_scale == 1:
+                prefix = apply(model.encode_prefix, *map(rep, text))
+
+                def model_fn(x, t):
+                    return apply(model.denoise, prefix, x, t)
+            else:  # Conditional half first (`samplers.guided`); the empty caption's second.
+                prefix = apply(model.encode_prefix,
+                               *(jnp.concatenate([rep(c), rep(u)]) for c, u in zip(text, uncond)))
+                model_fn = samplers.guided(lambda x, t: apply(model.denoise, prefix, x, t),
+                                           guidance_scale)
+            x0 = karlo.sample(model_fn, (b * best_of, d), rng, x_T=x_T, step_noise=step_noise,
+                              schedule=schedule)
+            z_i = apply(model.denormalize_embedding, x0)
+            if best_of == 1:
+                return z_i
+            return best_of_k(z_i.reshape(b, best_of, -1), text[0])
+
+        return sample
+
     def sample(self, params, mesh: Mesh, z_t: np.ndarray, text_hidden: np.ndarray, tokens: np.ndarray,
                rng: jax.Array, *, batch_size: int = 64, guidance_scale: float | None = None,
                best_of: int | None = None) -> np.ndarray:
         """Unit z_i [N, D] for captions (z_t [N, D], text_hidden [N, L, W], tokens [N, L]), batched
         over the mesh; unset settings take the config's."""
+        if self.karlo:
+            raise ValueError("the prior is in Karlo mode: call sample_body (it takes the CLIP text "
+                             "encodings of the captions and of the empty caption)")
         diff = self.config.diffusion
         scale = float(diff.guidance_scale if guidance_scale is None else guidance_scale)
         k = int(diff.best_of if best_of is None else best_of)

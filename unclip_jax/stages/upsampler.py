@@ -7,6 +7,23 @@ samples at full size with the same params. No caption, no CLIP, no guidance.
 residual between the high-res image and the resized conditioning image (the resize the UNet does
 inside), added back after sampling. The low frequencies, and so the colours, then come from the
 input instead of being re-generated: the plain target left tinted backgrounds after short runs.
+
+Karlo mode (`diffusion.sampler = "karlo"`, see `image_diffusion.is_karlo`): the upsampler samples
+as diffusers' `UnCLIPPipeline` runs Kakao Brain's Karlo super-resolution (64 -> 256 px), whose
+last step is taken by a second UNet, `super_res_last`. Choice: ONE stage whose params tree is
+`{"first": super_res_first params, "last": super_res_last params}` (both converted by
+`unclip_jax.convert.karlo_unet.convert_super_res`, the same architecture, so one `model` block from
+`super_res_config`; `init_params` gives that tree), so that the pipeline loads, restores and runs
+the pair as one upsampler. The model block must resize its low-resolution input bicubically
+(`low_res_resize="bicubic"`: `jax.image.resize` equals the pipeline's antialiased bicubic
+`F.interpolate`) and `diffusion.residual` must be off. `sample_body` then returns
+`(params, image, rng, x_T=None, step_noise=None) -> x_0 float32 [B, h * scale, w * scale, 3]` in
+[-1, 1]: `image` [B, h, w, 3] is the decoder's output, float in [-1, 1] as the pipeline passes it
+(uint8 is accepted too and mapped to [-1, 1]), upsampled and concatenated with the noisy image on
+channels inside the model; `unclip.KARLO_SUPER_RES` sampling (7 steps by default; eps, fixed small
+variance, x0 clipped to 1) with "first" at every step but the last and "last" at the last; the
+result is clamped to [-1, 1] (the pipeline's post-processing clamp). x_T / step_noise replace the
+drawn noise. Training (`loss`) and `upsample` are not supported in this mode.
 """
 from __future__ import annotations
 
@@ -20,6 +37,7 @@ from jax.sharding import Mesh
 
 from unclip_jax import parallel
 from unclip_jax.diffusion import pixels
+from unclip_jax.diffusion.schedules import Schedule
 from unclip_jax.models import unet as unet_lib
 from unclip_jax.stages import image_diffusion as diff_lib
 
@@ -38,7 +56,17 @@ class UpsamplerStage:
         self.model = unet_lib.unet_from_config(config.model, low_res_conditioning=True, clip_dim=0,
                                                text_depth=0, attention_resolutions=(),
                                                learned_variance=bool(config.diffusion.learned_variance))
-        self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
+        self.karlo = diff_lib.is_karlo(config.diffusion)
+        if self.karlo:  # See the module docstring.
+            if self.model.low_res_resize != "bicubic":
+                raise ValueError(f"Karlo mode (diffusion.sampler='karlo') resizes the low-resolution "
+                                 f"input bicubically: model.low_res_resize="
+                                 f"{self.model.low_res_resize!r} (convert.karlo_unet.super_res_config)")
+            karlo = diff_lib.karlo_sampling("super_res", config.diffusion)
+            self.schedule = Schedule.named(karlo.noise_schedule, karlo.num_train_timesteps)
+            self.sample_schedule = karlo.schedule()
+        else:
+            self.schedule, self.sample_schedule = diff_lib.schedules(config.diffusion)
         self.residual = bool(config.diffusion.get("residual", False))
         self._jitted = parallel.JitCache()
 
@@ -52,11 +80,20 @@ class UpsamplerStage:
     def init_params(self, rng):
         """The model's params (boxed with logical axis names). Runs under eval_shape and jit."""
         c, low = self.crop, self.crop // self.scale
+        if self.karlo:  # {"first": super_res_first, "last": super_res_last}
+            k = int(self.model.image_channels)
+            first, last = jax.random.split(rng)
+            return {name: self.model.init(key, jnp.zeros((1, c, c, k)), jnp.zeros((1,), jnp.int32),
+                                          low_res=jnp.zeros((1, low, low, k)))["params"]
+                    for name, key in (("first", first), ("last", last))}
         return self.model.init(rng, jnp.zeros((1, c, c, 3)), jnp.zeros((1,), jnp.int32),
                                low_res=jnp.zeros((1, low, low, 3)))["params"]
 
     def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
         """The diffusion loss of a batch of uint8 `high` crops and their corrupted `low` versions."""
+        if self.karlo:
+            raise ValueError("the upsampler is in Karlo mode (diffusion.sampler='karlo'): sampling "
+                             "imported weights only, no training loss")
         noise_rng, dropout_rng = jax.random.split(rng)
         cond = pixels.to_model_range(batch["low"])
         high = pixels.to_model_range(batch["high"])
@@ -72,7 +109,12 @@ class UpsamplerStage:
 
         x_0: float32 [B, h * scale, w * scale, 3] in [-1, 1]. `sampler`, `steps` (a respacing spec)
         and `eta` (DDIM only) default to the config's; `x_T` replaces the drawn noise.
+        In Karlo mode: the sampler of the module docstring (`sampler` None or "karlo", `steps` a
+        number of inference steps, `eta` not used).
         """
+        if self.karlo:
+            diff_lib.check_karlo_sampler("upsampler", sampler)
+            return self._karlo_sample_body(steps=steps)
         diff = self.config.diffusion
         name = sampler or diff.sampler
         schedule = self.sample_schedule if steps is None else self.schedule.respace(steps)
@@ -93,8 +135,36 @@ class UpsamplerStage:
 
         return sample
 
+    def _karlo_sample_body(self, *, steps=None):
+        """Karlo mode's sampler (see the module docstring)."""
+        karlo = diff_lib.karlo_sampling("super_res", self.config.diffusion, steps)
+        schedule = karlo.schedule()
+
+        def sample(params, image, rng, x_T=None, step_noise=None):
+            if not isinstance(params, Mapping) or set(params) != {"first", "last"}:
+                raise ValueError("Karlo mode's upsampler params are {'first': super_res_first, "
+                                 f"'last': super_res_last}}; got a tree with keys "
+                                 f"{sorted(params) if isinstance(params, Mapping) else type(params)}")
+            image = jnp.asarray(image)
+            cond = (pixels.to_model_range(image) if image.dtype == jnp.uint8
+                    else image.astype(jnp.float32))
+
+            def model_fn(which):
+                return lambda x, t: self.model.apply({"params": params[which]}, x, t, low_res=cond)
+
+            b, h, w, c = cond.shape
+            x0 = karlo.sample(model_fn("first"), (b, h * self.scale, w * self.scale, c), rng,
+                              last_step_model_fn=model_fn("last"), x_T=x_T, step_noise=step_noise,
+                              schedule=schedule)
+            return jnp.clip(x0, -1.0, 1.0)
+
+        return sample
+
     def upsample(self, params, mesh: Mesh, low: np.ndarray, rng: jax.Array, *, batch_size: int = 64) -> np.ndarray:
         """uint8 low-res [N, h, w, 3] -> uint8 [N, h * scale, w * scale, 3]."""
+        if self.karlo:
+            raise ValueError("the upsampler is in Karlo mode: call sample_body (it takes the "
+                             "decoder's float output and {'first', 'last'} params)")
         fn = self._jitted(mesh, ("sample",), self.sample_body)
         upsampled = parallel.map_batches(lambda i, chunk: fn(params, chunk, jax.random.fold_in(rng, i)),
                                          [low], mesh, batch_size)
