@@ -278,6 +278,12 @@ class UnCLIPPipeline:
             if not isinstance(trained.stage, kind):
                 fail(stage, trained, f"expected a trained {kind.__name__}, got stage "
                                      f"{trained.config.get('stage')!r}")
+        self.karlo = bool(getattr(self.prior.stage, "karlo", False))
+        for stage, trained in (("decoder", self.decoder),
+                               *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))):
+            if bool(getattr(trained.stage, "karlo", False)) != self.karlo:
+                fail(stage, trained, "mixes imported Karlo stages (diffusion.sampler='karlo') with "
+                                     "this project's: a pipeline is all Karlo or none")
         model = self.clip.stage.model
         dims = {"embed_dim": int(model.embed_dim), "text_length": int(model.context_length),
                 "text_width": int(model.text_width)}
@@ -380,14 +386,18 @@ class UnCLIPPipeline:
         return self.tokenizer(list(captions))
 
     def encode_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """tokens int32 [N, L] -> (unit z_t [N, D], CLIP text hidden states float32 [N, L, W]).
+        """tokens int32 [N, L] -> (unit z_t [N, D], CLIP text hidden states float32 [N, L, W]);
+        with Karlo stages z_t is the projected text embedding as it is (not normalised).
 
         (The two outputs travel through `map_batches` as one [N, D + L * W] array.)"""
         if ("clip_text",) not in self._programs:
             model = self.clip.stage.model
+            # Karlo's stages take the projected text embedding as it is (not unit-normalised).
+            normalize = not self.karlo
 
             def encode(params, tokens):
-                return model.apply({"params": params}, tokens, return_hidden=True, method=model.encode_text)
+                return model.apply({"params": params}, tokens, return_hidden=True, normalize=normalize,
+                                   method=model.encode_text)
 
             jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
 
@@ -415,6 +425,14 @@ class UnCLIPPipeline:
         s = resolve(settings or self.settings.prior, self.prior.config.diffusion)
         task = self.prior.stage
         key = ("prior", PRIOR_STREAM, s["guidance_scale"], s["best_of"], s["sampler"], s["steps"])
+        if self.karlo:
+            def build_karlo():
+                body = task.sample_body(guidance_scale=float(s["guidance_scale"]), best_of=int(s["best_of"]),
+                                        sampler=s["sampler"], steps=s["steps"])
+                return lambda params, rng, *text: body(params, *text, rng)
+
+            return self.map_rows(self.program(key, self.prior, build_karlo), self.prior.params, keys,
+                                 self._karlo_text(z_t, text_hidden, tokens))
 
         def build():
             body = task.sample_body(guidance_scale=float(s["guidance_scale"]), best_of=int(s["best_of"]),
@@ -434,6 +452,8 @@ class UnCLIPPipeline:
         s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
         task = self.decoder.stage
         use_text = tokens is not None
+        if self.karlo:
+            return self._karlo_decode(z_i, tokens, keys, s, x_T)
         if tokens is None:
             tokens = np.zeros((len(z_i), task.text_length), np.int32)
         key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], s["eta"],
@@ -445,6 +465,48 @@ class UnCLIPPipeline:
             return lambda params, rng, z, tok, *x: pixels.to_uint8(body(params, z, tok, rng, *x))
 
         inputs = [np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)]
+        if x_T is not None:
+            inputs.append(np.asarray(x_T, np.float32))
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys, inputs)
+
+    # ------------------------------------------------------------------ Karlo stages
+    def _uncond_text(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The empty caption's (z_t [1, D], hidden [1, L, W], mask [1, L]): Karlo's guidance input."""
+        if not hasattr(self, "_uncond"):
+            tokens = self.tokenize([""])
+            z_t, hidden = self.encode_text(tokens)
+            self._uncond = (z_t, hidden, self._text_mask(tokens))
+        return self._uncond
+
+    def _text_mask(self, tokens: np.ndarray) -> np.ndarray:
+        """The tokenizer's attention mask: True up to and including the first end-of-text token."""
+        is_eot = np.asarray(tokens) == int(self.clip.stage.sizes["eot_token_id"])
+        return (np.cumsum(is_eot, axis=-1) - is_eot) == 0
+
+    def _karlo_text(self, z_t: np.ndarray, hidden: np.ndarray, tokens: np.ndarray) -> list[np.ndarray]:
+        """Per-row inputs of a Karlo stage: the caption's z_t, hidden states, mask, then the empty
+        caption's three (repeated on every row)."""
+        n = len(z_t)
+        uncond = [np.repeat(u, n, axis=0) for u in self._uncond_text()]
+        return [np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), self._text_mask(tokens),
+                *[np.asarray(u, np.float32) if u.dtype != bool else u for u in uncond]]
+
+    def _karlo_decode(self, z_i, tokens, keys, s, x_T):
+        """The Karlo decoder over rows (tokens None: the empty caption conditions both halves)."""
+        if tokens is None:
+            tokens = np.repeat(self.tokenize([""]), len(z_i), axis=0)
+        z_t, hidden = self.encode_text(tokens)
+        task = self.decoder.stage
+        key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], x_T is not None)
+
+        def build():
+            body = task.sample_body(guidance_scale=float(s["guidance_scale"]), sampler=s["sampler"],
+                                    steps=s["steps"])
+            if x_T is None:
+                return lambda params, rng, z, *text: pixels.to_uint8(body(params, z, *text, rng))
+            return lambda params, rng, z, *rest: pixels.to_uint8(body(params, z, *rest[:-1], rng, rest[-1]))
+
+        inputs = [np.asarray(z_i, np.float32), *self._karlo_text(z_t, hidden, tokens)]
         if x_T is not None:
             inputs.append(np.asarray(x_T, np.float32))
         return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys, inputs)

@@ -126,11 +126,13 @@ def read_model_config(hf_dir: str) -> tuple[dict[str, Any], dict[str, Any], list
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if raw.get("model_type") == "clip_text_model":
+        return _read_text_model_config(hf_dir, raw)
     if raw.get("model_type") != "clip":
         raise CheckpointMismatchError(hf_dir, [
             f"{CONFIG_FILE}: model_type is {raw.get('model_type')!r}; expected 'clip' (a CLIPModel "
-            "with both towers; vision- or text-only checkpoints, SigLIP, Chinese-CLIP, ... are not "
-            "supported)"])
+            "with both towers) or 'clip_text_model' (a CLIPTextModelWithProjection: the text "
+            "encoder alone); vision-only checkpoints, SigLIP, Chinese-CLIP, ... are not supported"])
     cfg = CLIPConfig.from_dict(raw)
     text, vision = cfg.text_config, cfg.vision_config
     problems = []
@@ -181,6 +183,38 @@ def read_model_config(hf_dir: str) -> tuple[dict[str, Any], dict[str, Any], list
     hf = {"vocab_size": int(text.vocab_size), "eos_token_id": int(text.eos_token_id),
           "text_intermediate_size": int(text.intermediate_size),
           "vision_intermediate_size": int(vision.intermediate_size)}
+    return model, hf, problems
+
+
+def _read_text_model_config(hf_dir: str, raw: dict[str, Any]) -> tuple[dict, dict, list[str]]:
+    """A `CLIPTextModelWithProjection` config.json (e.g. Karlo's `text_encoder/`): the text tower
+    and its projection, as a CLIP with no image tower (`vision_depth=0`)."""
+    from transformers import CLIPTextConfig
+
+    text = CLIPTextConfig.from_dict(raw)
+    problems = []
+    if text.hidden_act not in ACTIVATIONS:
+        problems.append(f"{CONFIG_FILE}: hidden_act={text.hidden_act!r} is not supported (expected "
+                        f"one of {sorted(ACTIVATIONS)})")
+    if not math.isclose(float(text.layer_norm_eps), LAYER_NORM_EPS, rel_tol=1e-6):
+        problems.append(f"{CONFIG_FILE}: layer_norm_eps={text.layer_norm_eps} (this CLIP computes "
+                        f"LayerNorm with {LAYER_NORM_EPS})")
+    if text.hidden_size % text.num_attention_heads:
+        problems.append(f"{CONFIG_FILE}: hidden_size={text.hidden_size} is not divisible by "
+                        f"num_attention_heads={text.num_attention_heads}")
+    model = {
+        "embed_dim": int(text.projection_dim),
+        # No image tower: nominal sizes (never built).
+        "image_size": 224, "patch_size": 14, "vision_width": 0, "vision_depth": 0, "vision_heads": 0,
+        "text_width": int(text.hidden_size), "text_depth": int(text.num_hidden_layers),
+        "text_heads": int(text.num_attention_heads),
+        "context_length": int(text.max_position_embeddings),
+        "mlp_ratio": float(text.intermediate_size / text.hidden_size),
+        "activation": ACTIVATIONS.get(text.hidden_act, "quick_gelu"),
+        "eot_pooling": "argmax" if text.eos_token_id == 2 else "eot_id",
+    }
+    hf = {"vocab_size": int(text.vocab_size), "eos_token_id": int(text.eos_token_id),
+          "text_intermediate_size": int(text.intermediate_size), "vision_intermediate_size": 0}
     return model, hf, problems
 
 
@@ -362,7 +396,7 @@ def expected_tensors(model: dict[str, Any], hf: dict[str, Any], vocab_rows: int 
     """Every tensor a Hugging Face CLIPModel of this config holds: name -> (shape, our path, layout
     conversion). `vocab_rows` pads (zeros) or cuts the token embedding to that many rows."""
     m = model
-    vw, tw, d = m["vision_width"], m["text_width"], m["embed_dim"]
+    vw, d = m["vision_width"], m["embed_dim"]
     p = m["patch_size"]
     positions = (m["image_size"] // p) ** 2 + 1
     vocab = hf["vocab_size"]
@@ -375,6 +409,9 @@ def expected_tensors(model: dict[str, Any], hf: dict[str, Any], vocab_rows: int 
         return out
 
     e: dict[str, _Entry] = {}
+    if m["vision_depth"] == 0:  # A text encoder alone (CLIPTextModelWithProjection).
+        _text_tensors(e, m, hf, vocab, fit_rows)
+        return e
     e["vision_model.embeddings.patch_embedding.weight"] = _Entry(
         (vw, 3, p, p), ("vision_model", "patch_embedding", "kernel"),
         lambda w: w.transpose(2, 3, 1, 0))
@@ -386,6 +423,14 @@ def expected_tensors(model: dict[str, Any], hf: dict[str, Any], vocab_rows: int 
     _tower_layers(e, "vision_model", "vision_model", vw, m["vision_depth"], m["vision_heads"],
                   hf["vision_intermediate_size"])
     _layer_norm(e, "vision_model.post_layernorm", ("vision_model", "ln_post"), vw)
+    _text_tensors(e, m, hf, vocab, fit_rows)
+    e["visual_projection.weight"] = _Entry((d, vw), ("visual_projection", "kernel"), _transpose)
+    e["logit_scale"] = _Entry((), ("logit_scale",), lambda w: w.reshape(()))
+    return e
+
+
+def _text_tensors(e: dict, m: dict[str, Any], hf: dict[str, Any], vocab: int, fit_rows) -> None:
+    tw, d = m["text_width"], m["embed_dim"]
     e["text_model.embeddings.token_embedding.weight"] = _Entry(
         (vocab, tw), ("text_model", "token_embedding", "embedding"), fit_rows)
     e["text_model.embeddings.position_embedding.weight"] = _Entry(
@@ -393,10 +438,7 @@ def expected_tensors(model: dict[str, Any], hf: dict[str, Any], vocab_rows: int 
     _tower_layers(e, "text_model", "text_model", tw, m["text_depth"], m["text_heads"],
                   hf["text_intermediate_size"])
     _layer_norm(e, "text_model.final_layer_norm", ("text_model", "ln_final"), tw)
-    e["visual_projection.weight"] = _Entry((d, vw), ("visual_projection", "kernel"), _transpose)
     e["text_projection.weight"] = _Entry((d, tw), ("text_projection", "kernel"), _transpose)
-    e["logit_scale"] = _Entry((), ("logit_scale",), lambda w: w.reshape(()))
-    return e
 
 
 def _check_tensors(tensors: _Tensors, entries: dict[str, _Entry]) -> list[str]:
@@ -523,14 +565,16 @@ def clip_config(template, imported: HFClip, tokenizer) -> Any:
     return config
 
 
-def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
+def write_clip_workdir(hf_dir: str, workdir: str, template, *, tokenizer_dir: str | None = None) -> Any:
     """Imports the Hugging Face CLIP in `hf_dir` as a frozen-CLIP workdir; returns its config.
 
     `template` is a CLIP stage config (e.g. `configs/clip_vit_l14.py:clip`): its data, train,
     eval and mesh blocks and model dtype/scan_layers/remat_policy are kept; sizes, preprocessing
     and tokenizer come from the checkpoint. The workdir must not exist yet (or be empty): it is
     written to a temporary sibling and renamed when complete, so nothing is ever overwritten and a
-    failed import leaves nothing behind. Single-process.
+    failed import leaves nothing behind. Single-process. The tokenizer files are read from
+    `tokenizer_dir` (default: `hf_dir`; Karlo keeps them in a sibling `tokenizer/`). A
+    `CLIPTextModelWithProjection` directory imports as a text encoder alone (`vision_depth=0`).
 
     Raises CheckpointMismatchError (every difference listed), FileNotFoundError, FileExistsError.
     """
@@ -552,7 +596,8 @@ def write_clip_workdir(hf_dir: str, workdir: str, template) -> Any:
     try:
         weight_files(hf_dir)  # A pickle-only directory is refused before anything else.
         model, hf, _ = read_model_config(hf_dir)  # Its problems are listed by read_hf_clip.
-        tokenizer = copy_tokenizer(hf_dir, os.path.join(tmp, TOKENIZER_DIR), model["context_length"])
+        tokenizer = copy_tokenizer(tokenizer_dir or hf_dir, os.path.join(tmp, TOKENIZER_DIR),
+                                   model["context_length"])
         imported = read_hf_clip(hf_dir, vocab_rows=padded_vocab_rows(tokenizer.vocab_size),
                                 extra_problems=tokenizer_problems(tokenizer, model, hf))
         config = clip_config(template, imported, tokenizer)

@@ -184,26 +184,41 @@ class CLIP(nn.Module):
         common = dict(mlp_ratio=self.mlp_ratio, activation=self.activation, dtype=self.dtype,
                       param_dtype=self.param_dtype, scan_layers=self.scan_layers,
                       remat_policy=self.remat_policy, matmul_dtype=self.matmul_dtype)
-        self.vision_model = VisionTransformer(
-            image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width,
-            depth=self.vision_depth, num_heads=self.vision_heads, **common)
+        if self.has_vision:
+            self.vision_model = VisionTransformer(
+                image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width,
+                depth=self.vision_depth, num_heads=self.vision_heads, **common)
         self.text_model = TextTransformer(
             vocab_size=self.vocab_size, context_length=self.context_length, width=self.text_width,
             depth=self.text_depth, num_heads=self.text_heads, eot_pooling=self.eot_pooling,
             eot_token_id=self.eot_token_id, **common)
         projection = dict(use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                           kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", None)))
-        self.visual_projection = nn.Dense(self.embed_dim, **projection)
+        if self.has_vision:
+            self.visual_projection = nn.Dense(self.embed_dim, **projection)
         self.text_projection = nn.Dense(self.embed_dim, **projection)
-        self.logit_scale = self.param(
-            "logit_scale", partitioned(nn.initializers.constant(math.log(1 / 0.07)), ()), (),
-            self.param_dtype)
+        if self.has_vision:
+            self.logit_scale = self.param(
+                "logit_scale", partitioned(nn.initializers.constant(math.log(1 / 0.07)), ()), (),
+                self.param_dtype)
+
+    @property
+    def has_vision(self) -> bool:
+        """False for a text encoder alone (`vision_depth=0`, e.g. Karlo's `text_encoder/`): no
+        image tower, no visual projection, no logit scale; `encode_image` and `__call__` refuse."""
+        return self.vision_depth > 0
+
+    def _check_vision(self):
+        if not self.has_vision:
+            raise ValueError("this CLIP is a text encoder alone (vision_depth=0): it cannot embed "
+                             "images; import a CLIP with its image tower for that")
 
     def encode_image(self, images: Array, normalize: bool = True) -> Array:
         """images float [B, image_size, image_size, 3] -> z_i float32 [B, embed_dim].
 
         L2-normalised unless `normalize=False` (then it equals HF `get_image_features`).
         """
+        self._check_vision()
         z_i = self.visual_projection(self.vision_model(images))
         return l2_normalize(z_i) if normalize else z_i.astype(jnp.float32)
 
@@ -219,6 +234,7 @@ class CLIP(nn.Module):
     def __call__(self, images: Array, tokens: Array) -> tuple[Array, Array, Array]:
         """Returns (z_i [B, embed_dim], z_t [B, embed_dim], logit_scale []), all float32;
         z_i and z_t L2-normalised, logit_scale = exp(param) clipped at 100."""
+        self._check_vision()
         z_i = self.encode_image(images)
         z_t = self.encode_text(tokens)
         logit_scale = jnp.minimum(jnp.exp(jnp.asarray(self.logit_scale, jnp.float32)), 100.0)

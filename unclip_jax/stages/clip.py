@@ -79,6 +79,8 @@ class ClipStage:
         """The model's params (boxed with logical axis names). Runs under eval_shape and jit."""
         images = jnp.zeros((1, self.side, self.side, 3), jnp.float32)
         tokens = jnp.zeros((1, self.context_length), jnp.int32)
+        if not self.model.has_vision:  # A text encoder alone (Karlo's).
+            return self.model.init(rng, tokens, method=self.model.encode_text)["params"]
         return self.model.init(rng, images, tokens)["params"]
 
     def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
