@@ -46,6 +46,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from unclip_jax.convert import ConversionError
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -64,20 +66,13 @@ PIL_RESAMPLE_CODES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 # Non-persistent buffers that older transformers versions saved: arange(n), not weights.
 IGNORED_SUFFIXES = (".embeddings.position_ids",)
-_MAX_LISTED = 40
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ConversionError):
     """A checkpoint directory does not fit this CLIP: lists every difference found."""
 
     def __init__(self, hf_dir: str, problems: list[str]):
-        self.problems = list(problems)
-        shown = self.problems[:_MAX_LISTED]
-        more = len(self.problems) - len(shown)
-        super().__init__(
-            f"cannot import the CLIP checkpoint in {hf_dir} ({len(self.problems)} "
-            f"problem{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(shown)
-            + (f"\n  ... and {more} more" if more else ""))
+        super().__init__(f"the CLIP checkpoint in {hf_dir}", problems)
 
 
 @dataclasses.dataclass

@@ -35,20 +35,18 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert import karlo_prior, karlo_unet
+from unclip_jax.convert import ConversionError, karlo_prior, karlo_unet
 
 MODEL_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 PRIOR_GUIDANCE, DECODER_GUIDANCE = 4.0, 8.0  # UnCLIPPipeline's defaults for Karlo.
 
 
-class KarloImportError(ValueError):
+class KarloImportError(ConversionError):
     """The directory cannot be imported; `problems` lists every reason."""
 
     def __init__(self, karlo_dir: str, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__(f"cannot import Karlo from {karlo_dir} ({len(problems)} problems):\n  "
-                         + "\n  ".join(self.problems))
+        super().__init__(f"Karlo from {karlo_dir}", problems)
 
 
 # ---------------------------------------------------------------------------------------------

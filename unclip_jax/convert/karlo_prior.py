@@ -46,6 +46,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from unclip_jax.convert import ConversionError
+
 # `PriorTransformer.__init__` defaults (diffusers 0.42): Karlo's prior.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 32, "attention_head_dim": 64, "num_layers": 20, "embedding_dim": 768,
@@ -58,20 +60,13 @@ CLASS_NAME = "PriorTransformer"
 MLP_RATIO = 4.0  # diffusers' FeedForward (mult=4) with activation_fn="gelu": exact (erf) GELU.
 # Non-persistent buffers that a state dict taken with `state_dict()` of an older version may hold.
 IGNORED_TENSORS = ("causal_attention_mask",)
-_MAX_LISTED = 40
 
 
-class KarloPriorError(ValueError):
+class KarloPriorError(ConversionError):
     """A diffusers prior config or state dict does not fit `DiffusionPrior`: lists every problem."""
 
     def __init__(self, what: str, problems: list[str]):
-        self.problems = list(problems)
-        shown = self.problems[:_MAX_LISTED]
-        more = len(self.problems) - len(shown)
-        super().__init__(
-            f"cannot import the Karlo prior {what} ({len(self.problems)} "
-            f"problem{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(shown)
-            + (f"\n  ... and {more} more" if more else ""))
+        super().__init__(f"the Karlo prior {what}", problems)
 
 
 def _resolved(diffusers_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -67,7 +67,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-_MAX_LISTED = 40
+from unclip_jax.convert import ConversionError
+
 NUM_TIMESTEPS = 1000  # Karlo's decoder and upsamplers are trained with 1000 steps.
 
 # diffusers' defaults (UNet2DConditionModel, UNet2DModel, UnCLIPTextProjModel __init__).
@@ -111,17 +112,8 @@ _RES_DOWN, _RES_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
 _SCALE_SHIFT = {"scale_shift": True, "default": False}
 
 
-class KarloConversionError(ValueError):
+class KarloConversionError(ConversionError):
     """A Karlo config or state dict does not fit this project's UNet: lists every problem."""
-
-    def __init__(self, what: str, problems: list[str]):
-        self.problems = list(problems)
-        shown = self.problems[:_MAX_LISTED]
-        more = len(self.problems) - len(shown)
-        super().__init__(
-            f"cannot import {what} ({len(self.problems)} problem"
-            f"{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(shown)
-            + (f"\n  ... and {more} more" if more else ""))
 
 
 # -------------------------------------------------------------------------------------------------
