@@ -1,6 +1,8 @@
 """Importers of published checkpoints (Hugging Face CLIP, Karlo) into this project's modules."""
 from __future__ import annotations
 
+from typing import Any
+
 MAX_LISTED = 40  # Problems spelled out in one error message (the rest counted).
 
 
@@ -15,3 +17,14 @@ class ConversionError(ValueError):
             f"cannot import {what} ({len(self.problems)} problem"
             f"{'s' if len(self.problems) != 1 else ''}):\n  " + "\n  ".join(shown)
             + (f"\n  ... and {more} more" if more else ""))
+
+
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{("a", "b"): x} -> {"a": {"b": x}}: a param tree from flat paths."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError
+from unclip_jax.convert import ConversionError, nest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -456,16 +456,6 @@ def _check_tensors(tensors: _Tensors, entries: dict[str, _Entry]) -> list[str]:
     return problems
 
 
-def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def read_hf_clip(hf_dir: str, *, vocab_rows: int | None = None, load_params: bool = True,
                  extra_problems: list[str] | None = None) -> HFClip:
     """Reads and checks a Hugging Face CLIP directory; converts its weights to our param tree.
@@ -494,7 +484,7 @@ def read_hf_clip(hf_dir: str, *, vocab_rows: int | None = None, load_params: boo
         raise CheckpointMismatchError(hf_dir, problems)
     params = None
     if load_params:
-        params = _nest({entry.path: np.array(entry.convert(tensors.get(name)), np.float32, order="C")
+        params = nest({entry.path: np.array(entry.convert(tensors.get(name)), np.float32, order="C")
                         for name, entry in entries.items()})
     return HFClip(hf_dir=hf_dir, model=model, preprocess=preprocess, params=params, hf=hf)
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError
+from unclip_jax.convert import ConversionError, nest
 
 # `PriorTransformer.__init__` defaults (diffusers 0.42): Karlo's prior.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -217,16 +217,6 @@ def expected_tensors(diffusers_config: Mapping[str, Any]) -> dict[str, _Entry]:
     return e
 
 
-def _nest(flat: dict[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def convert_prior(state_dict: Mapping[str, Any], diffusers_config: Mapping[str, Any], *,
                   scan_layers: bool = True) -> dict[str, Any]:
     """diffusers `PriorTransformer` weights -> the params of `prior_from_config(prior_config(...))`.
@@ -258,7 +248,7 @@ def convert_prior(state_dict: Mapping[str, Any], diffusers_config: Mapping[str, 
                             "to zeros: these weights hold no embedding statistics)")
     if problems:
         raise KarloPriorError("weights", problems)
-    params = _nest({entry.path: np.array(entry.convert(np.asarray(state_dict[name], np.float32)),
+    params = nest({entry.path: np.array(entry.convert(np.asarray(state_dict[name], np.float32)),
                                          np.float32, order="C")
                     for name, entry in entries.items()})
     if scan_layers:
