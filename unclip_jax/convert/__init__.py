@@ -28,3 +28,32 @@ def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     return tree
+
+
+def write_imported(workdir: str, config, sizes: dict, params, *, what: str, tokenizer=None,
+                   depends_on: dict | None = None) -> None:
+    """Writes imported weights as a stage workdir into the existing directory `workdir`:
+    config.json, stage.json and a step-0 checkpoint holding `params` (numpy) as both params and EMA
+    params, no optimiser state. The tree is checked against the stage's module first; a
+    difference (a converter bug, not the user's checkpoint) raises ConversionError(what, ...)."""
+    import jax
+    import numpy as np
+
+    from unclip_jax import parallel
+    from unclip_jax.stages import load
+    from unclip_jax.train import checkpointing
+
+    checkpointing.save_config(config, workdir)
+    load.write_record(workdir, config.stage, sizes, depends_on or {})
+    stage = load.build_stage(config, sizes, tokenizer)
+    mesh = parallel.mesh_from_config(config.mesh)
+    abstract = load.abstract_params(stage, mesh, parallel.rules_from_config(config.mesh.rules))
+    differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
+                                                  checkpointing._flat_shapes(abstract))
+    if differences:
+        raise ConversionError(what, [f"converted params vs the {config.stage} module: {d}"
+                                     for d in differences])
+    params = jax.tree.map(lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract, params)
+    state = {"step": np.zeros((), np.int32), "params": params, "ema_params": params}
+    with checkpointing.Checkpointer(f"{workdir}/checkpoints", max_to_keep=None, async_save=False) as ckpt:
+        ckpt.save(0, state, config=config)

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError, nest
+from unclip_jax.convert import ConversionError, nest, write_imported
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -565,10 +565,7 @@ def write_clip_workdir(hf_dir: str, workdir: str, template, *, tokenizer_dir: st
     """
     import jax
 
-    from unclip_jax import parallel
     from unclip_jax.models import layers
-    from unclip_jax.stages import load
-    from unclip_jax.train import checkpointing
 
     hf_dir = _check_dir(hf_dir)
     workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
@@ -587,31 +584,15 @@ def write_clip_workdir(hf_dir: str, workdir: str, template, *, tokenizer_dir: st
                                 extra_problems=tokenizer_problems(tokenizer, model, hf))
         config = clip_config(template, imported, tokenizer)
         config.train.num_steps = 0  # Imported, not trained here.
-        checkpointing.save_config(config, tmp)
         sizes = {"vocab_size": tokenizer.vocab_size, "eot_token_id": tokenizer.eot_token_id,
                  "context_length": tokenizer.context_length, "eot_pooling": imported.model["eot_pooling"]}
-        stage = load.build_stage(config, sizes, tokenizer)
-        # Recorded relative to the workdir: the renamed directory finds its tokenizer.
-        load.write_record(tmp, "clip", sizes, {"tokenizer": os.path.join(tmp, TOKENIZER_DIR)})
-
-        mesh = parallel.mesh_from_config(config.mesh)
-        rules = parallel.rules_from_config(config.mesh.rules)
         params = imported.params
         if bool(config.model.get("scan_layers", False)):
             params = jax.tree.map(np.asarray, layers.stack_layer_params(params))
-        abstract = load.abstract_params(stage, mesh, rules)
-        differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
-                                                      checkpointing._flat_shapes(abstract))
-        if differences:  # A bug in the mapping above, not in the user's checkpoint.
-            raise CheckpointMismatchError(hf_dir, [f"converted params vs the CLIP module: {d}"
-                                                   for d in differences])
-        params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract, params)
-        # Params and EMA params (the same: nothing was trained), no optimiser state.
-        state = {"step": np.zeros((), np.int32), "params": params, "ema_params": params}
-        with checkpointing.Checkpointer(os.path.join(tmp, "checkpoints"), max_to_keep=None,
-                                        async_save=False) as ckpt:
-            ckpt.save(0, state, config=config)
-        del state, params
+        # Recorded relative to the workdir: the renamed directory finds its tokenizer.
+        write_imported(tmp, config, sizes, params, what=f"the CLIP checkpoint in {hf_dir}",
+                       tokenizer=tokenizer, depends_on={"tokenizer": os.path.join(tmp, TOKENIZER_DIR)})
+        del params
         if os.path.isdir(workdir):
             os.rmdir(workdir)  # Empty (checked above).
         os.rename(tmp, workdir)

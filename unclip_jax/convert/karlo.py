@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError, karlo_prior, karlo_unet
+from unclip_jax.convert import ConversionError, karlo_prior, karlo_unet, write_imported
 
 MODEL_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -188,31 +188,6 @@ def convert(karlo_dir: str, *, scan_layers: bool = True) -> dict[str, tuple[Any,
 # ---------------------------------------------------------------------------------------------
 # Writing.
 # ---------------------------------------------------------------------------------------------
-def _write_workdir(workdir: str, config, sizes: dict, params) -> None:
-    import jax
-
-    from unclip_jax import parallel
-    from unclip_jax.stages import load
-    from unclip_jax.train import checkpointing
-
-    os.makedirs(workdir)
-    checkpointing.save_config(config, workdir)
-    load.write_record(workdir, config.stage, sizes, {})
-    stage = load.build_stage(config, sizes)
-    mesh = parallel.mesh_from_config(config.mesh)
-    abstract = load.abstract_params(stage, mesh, parallel.rules_from_config(config.mesh.rules))
-    differences = checkpointing._tree_differences(checkpointing._flat_shapes(params),
-                                                  checkpointing._flat_shapes(abstract))
-    if differences:  # A converter bug, not the user's directory.
-        raise KarloImportError(workdir, [f"converted params vs the {config.stage} module: {d}"
-                                         for d in differences])
-    params = jax.tree.map(lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract, params)
-    state = {"step": np.zeros((), np.int32), "params": params, "ema_params": params}
-    with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None,
-                                    async_save=False) as ckpt:
-        ckpt.save(0, state, config=config)
-
-
 def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
                    scan_layers: bool = True) -> dict[str, str]:
     """Converts the directory and writes the stage workdirs under `out_root` (see the module
@@ -245,7 +220,8 @@ def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
         else:
             converted_names = []
         for name, (config, sizes, params) in converted.items():
-            _write_workdir(os.path.join(tmp, name), config, sizes, params)
+            os.makedirs(os.path.join(tmp, name))
+            write_imported(os.path.join(tmp, name), config, sizes, params, what=f"Karlo's {name}")
         converted_names += list(converted)
         if os.path.isdir(out_root):
             os.rmdir(out_root)  # Empty (checked above).
