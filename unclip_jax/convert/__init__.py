@@ -1,6 +1,10 @@
 """Importers of published checkpoints (Hugging Face CLIP, Karlo) into this project's modules."""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from typing import Any
 
 MAX_LISTED = 40  # Problems spelled out in one error message (the rest counted).
@@ -57,3 +61,24 @@ def write_imported(workdir: str, config, sizes: dict, params, *, what: str, toke
     state = {"step": np.zeros((), np.int32), "params": params, "ema_params": params}
     with checkpointing.Checkpointer(f"{workdir}/checkpoints", max_to_keep=None, async_save=False) as ckpt:
         ckpt.save(0, state, config=config)
+
+
+@contextlib.contextmanager
+def new_directory(path: str):
+    """Yields a temporary sibling of `path` that is renamed to `path` when the block completes
+    and removed if it fails: an import is whole or absent. `path` must not exist or be empty."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise FileExistsError(f"{path} already exists and is not empty: pick another directory "
+                              "(an import never overwrites anything)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.importing-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            os.rmdir(path)  # Empty (checked above).
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

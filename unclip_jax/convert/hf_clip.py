@@ -41,12 +41,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError, nest, write_imported
+from unclip_jax.convert import ConversionError, nest, new_directory, write_imported
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -568,14 +567,7 @@ def write_clip_workdir(hf_dir: str, workdir: str, template, *, tokenizer_dir: st
     from unclip_jax.models import layers
 
     hf_dir = _check_dir(hf_dir)
-    workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
-        raise FileExistsError(f"{workdir} already exists and is not empty: pick another workdir "
-                              "(an import never overwrites anything)")
-    parent = os.path.dirname(workdir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.importing-", dir=parent)
-    try:
+    with new_directory(workdir) as tmp:
         weight_files(hf_dir)  # A pickle-only directory is refused before anything else.
         model, hf, _ = read_model_config(hf_dir)  # Its problems are listed by read_hf_clip.
         tokenizer = copy_tokenizer(tokenizer_dir or hf_dir, os.path.join(tmp, TOKENIZER_DIR),
@@ -593,10 +585,4 @@ def write_clip_workdir(hf_dir: str, workdir: str, template, *, tokenizer_dir: st
         write_imported(tmp, config, sizes, params, what=f"the CLIP checkpoint in {hf_dir}",
                        tokenizer=tokenizer, depends_on={"tokenizer": os.path.join(tmp, TOKENIZER_DIR)})
         del params
-        if os.path.isdir(workdir):
-            os.rmdir(workdir)  # Empty (checked above).
-        os.rename(tmp, workdir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config

@@ -29,13 +29,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from unclip_jax.convert import ConversionError, karlo_prior, karlo_unet, write_imported
+from unclip_jax.convert import ConversionError, karlo_prior, karlo_unet, new_directory, write_imported
 
 MODEL_COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -198,14 +196,9 @@ def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
     Raises KarloImportError (every problem listed) before anything is written, or FileExistsError.
     """
     out_root = os.path.abspath(os.path.expanduser(os.fspath(out_root)))
-    if os.path.exists(out_root) and (not os.path.isdir(out_root) or os.listdir(out_root)):
-        raise FileExistsError(f"{out_root} already exists and is not empty: pick another output "
-                              "directory (an import never overwrites anything)")
-    converted = convert(karlo_dir, scan_layers=scan_layers)
-    parent = os.path.dirname(out_root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_root)}.importing-", dir=parent)
-    try:
+    with new_directory(out_root) as tmp:
+        converted = convert(karlo_dir, scan_layers=scan_layers)
+        converted_names = []
         if clip_template is not None:
             from unclip_jax.convert import hf_clip
 
@@ -216,17 +209,9 @@ def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
                                            tokenizer_dir=os.path.join(karlo_dir, "tokenizer"))
             except hf_clip.CheckpointMismatchError as e:
                 raise KarloImportError(karlo_dir, [f"text_encoder: {p}" for p in e.problems]) from e
-            converted_names = ["clip"]
-        else:
-            converted_names = []
+            converted_names.append("clip")
         for name, (config, sizes, params) in converted.items():
             os.makedirs(os.path.join(tmp, name))
             write_imported(os.path.join(tmp, name), config, sizes, params, what=f"Karlo's {name}")
-        converted_names += list(converted)
-        if os.path.isdir(out_root):
-            os.rmdir(out_root)  # Empty (checked above).
-        os.rename(tmp, out_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            converted_names.append(name)
     return {name: os.path.join(out_root, name) for name in converted_names}
