@@ -1,7 +1,8 @@
 """The embedded default: the unCLIP stack on procedurally rendered captioned shapes, sized for a CPU.
 
 Usage: `python train.py --config configs/shapes.py:clip --workdir runs/shapes_clip`
-Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`.
+Variants (the part after `:`): `clip` (default), `prior`, `decoder`, `upsampler`, `ar_prior` (the
+paper's autoregressive alternative to the diffusion `prior`).
 Comma-separated options after the variant: `clip,tiny` shrinks everything for tests and smoke runs
 (see `_tiny_overrides`); `clip,fast` is the short stack that `train_stack.py` trains by default
 (~28 minutes on a 2-core CPU: fewer steps, a smaller upsampler, shapes rendered on the fly; see
@@ -15,7 +16,7 @@ import ml_collections
 from unclip_jax import parallel
 
 
-VARIANTS = ("clip", "prior", "decoder", "upsampler")
+VARIANTS = ("clip", "prior", "decoder", "upsampler", "ar_prior")
 OPTIONS = ("tiny", "fast")
 
 
@@ -194,6 +195,39 @@ def prior_config() -> ml_collections.ConfigDict:
     return c
 
 
+def ar_prior_config() -> ml_collections.ConfigDict:
+    """The autoregressive prior: caption -> the quantised principal components of z_i, one by one.
+
+    The diffusion prior's data, optimiser and evaluation; the model is a causal transformer of the
+    same width and depth over [caption, z_t, dot-product token, codes] (stages/ar_prior.py).
+    """
+    c = prior_config()
+    c.stage = "ar_prior"
+    del c.diffusion
+    c.model.text_encoder_width = 0  # Text encoder width (0: width).
+    # Bidirectional blocks over the caption before the decoder (0: none; the cached CLIP hidden
+    # states are already contextual).
+    c.model.text_encoder_depth = 0
+    c.model.text_encoder_heads = 0  # Text encoder heads (0: num_heads).
+
+    c.codes = ml_collections.ConfigDict()
+    # Principal components of z_i kept, by decreasing eigenvalue (paper: 319 of 1024). 48 of the
+    # shapes CLIP's 128 keep the mean cosine of z_i to its quantised reconstruction above 0.99
+    # (benchmarks/ar_prior_pca.py).
+    c.codes.num_components = 48
+    c.codes.num_buckets = 256  # Quantile buckets per component, and for z_i . z_t (paper: 1024).
+    c.codes.fit_examples = 0  # Training embeddings the PCA and the buckets are fitted on (0: all).
+
+    c.ar = ml_collections.ConfigDict()
+    c.ar.text_drop_prob = 0.1  # Caption + z_t replaced by learned nulls this often (guidance).
+    c.ar.guidance_scale = 1.0  # Classifier-free guidance on the log-probabilities (1: off).
+    c.ar.temperature = 1.0  # Softmax temperature (0: greedy).
+    c.ar.top_k = 0  # Draw among the k most likely tokens (0: all).
+    c.ar.top_p = 1.0  # Draw within the smallest set holding this probability (1: all).
+    c.ar.dot_percentile = 0.5  # The dot token is drawn above this percentile of its distribution (paper: 0.5, the top half).
+    return c
+
+
 def diffusion_config(*, learned_variance: bool, sampler: str, sample_steps: int,
                      guidance_scale: float) -> ml_collections.ConfigDict:
     """Noise schedule, parameterisation, variance and sampling of an image diffusion stage."""
@@ -315,6 +349,7 @@ def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
     """
     c.train.batch_size, c.train.num_steps, c.train.warmup_steps = {
         "clip": (32, 20, 5), "prior": (32, 20, 5), "decoder": (16, 10, 2), "upsampler": (16, 10, 2),
+        "ar_prior": (32, 20, 5),
     }[variant]
     c.train.log_every, c.train.checkpoint_every = 5, 10
     if variant == "clip":
@@ -327,11 +362,13 @@ def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
         c.model.matmul_dtype = ""
         c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 64, 8, 64
         c.eval.probe_train_examples = 512
-    elif variant == "prior":
+    elif variant in ("prior", "ar_prior"):
         c.model.width, c.model.depth, c.model.num_heads = 32, 1, 2
         c.model.matmul_dtype = ""
         c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 32, 8, 32
         c.eval.num_train_neighbours = 256
+        if variant == "ar_prior":  # The tiny cache has 64 training embeddings of 32 dims.
+            c.codes.num_components, c.codes.num_buckets = 8, 8
     elif variant == "decoder":
         c.model.base_channels, c.model.channel_mult, c.model.image_size = 16, (1, 2), 16
         c.model.head_channels, c.model.num_groups = 8, 8
@@ -364,7 +401,7 @@ def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
         c.data.source = "procedural"
         c.train.num_steps, c.train.checkpoint_every = 1_200, 400
         c.eval.num_examples, c.eval.probe_train_examples = 500, 3_000
-    elif variant == "prior":
+    elif variant in ("prior", "ar_prior"):
         c.train.num_steps, c.train.warmup_steps = 600, 100
         c.eval.num_examples, c.eval.num_train_neighbours = 500, 20_000
     elif variant == "decoder":
@@ -384,7 +421,7 @@ def fast_config(variant: str, c: ml_collections.ConfigDict) -> None:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _parse_arg(arg)
     builders = {"clip": clip_config, "prior": prior_config, "decoder": decoder_config,
-                "upsampler": upsampler_config}
+                "upsampler": upsampler_config, "ar_prior": ar_prior_config}
     config = builders[variant]()
     if "tiny" in options:
         _tiny_overrides(config, variant)

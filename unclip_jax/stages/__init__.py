@@ -2,6 +2,7 @@
 
     clip.ClipStage            CLIP towers, preprocessing, the contrastive loss, embedding
     prior.PriorStage          the diffusion prior: loss, guided sampling, best-of-k
+    ar_prior.ARPriorStage     the autoregressive prior: PCA codes, cross-entropy, KV-cached sampling
     decoder.DecoderStage      the z_i-conditioned UNet: loss, guided sampling, DDIM inversion
     upsampler.UpsamplerStage  the conv-only super-resolution UNets
     load                      rebuild a stage from its workdir and restore only its params

@@ -25,6 +25,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from unclip_jax import parallel, paths
+from unclip_jax.stages.ar_prior import ARPriorStage
 from unclip_jax.stages.clip import ClipStage
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.stages.prior import PriorStage
@@ -33,7 +34,8 @@ from unclip_jax.train import checkpointing
 
 RECORD_FILENAME = "stage.json"
 PARAM_KINDS = {"ema": "ema_params", "params": "params"}
-STAGES = {"clip": ClipStage, "prior": PriorStage, "decoder": DecoderStage, "upsampler": UpsamplerStage}
+STAGES = {"clip": ClipStage, "prior": PriorStage, "decoder": DecoderStage, "upsampler": UpsamplerStage,
+          "ar_prior": ARPriorStage}
 
 
 class NotTrainedError(FileNotFoundError):

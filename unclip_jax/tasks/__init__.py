@@ -5,6 +5,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from unclip_jax.tasks.ar_prior import ARPriorTask
 from unclip_jax.tasks.base import Task
 from unclip_jax.tasks.clip import ClipTask
 from unclip_jax.tasks.decoder import DecoderTask
@@ -12,12 +13,13 @@ from unclip_jax.tasks.prior import PriorTask
 from unclip_jax.tasks.upsampler import UpsamplerTask
 
 TASKS: dict[str, type[Task]] = {"clip": ClipTask, "prior": PriorTask, "decoder": DecoderTask,
-                                "upsampler": UpsamplerTask}
+                                "upsampler": UpsamplerTask, "ar_prior": ARPriorTask}
 
 
 def get_task(config: ml_collections.ConfigDict, workdir: str, *,
              sizes: Mapping[str, Any] | None = None) -> Task:
-    """The task of `config.stage` ("clip", "prior", "decoder" or "upsampler"), built for `workdir`.
+    """The task of `config.stage` ("clip", "prior", "decoder", "upsampler" or
+    "ar_prior"), built for `workdir`.
 
     `sizes` (see `stages.load`) builds it without the files it would read them from (a tokenizer,
     a CLIP's embedding cache): for ahead-of-time compiles; such a task cannot train.
