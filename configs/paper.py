@@ -7,6 +7,9 @@
 Variants (the part after `:`), each the paper's model and optimiser settings:
   `clip`         ViT-H/16 at 256 px (width 1280, 32 blocks) + text 1024 x 24, trained contrastively.
   `prior`        the 1B diffusion prior: causal transformer 2048 x 24, 32 heads, text context 256.
+  `ar_prior`     the 1B autoregressive prior: text encoder 2048 x 24 x 32 heads over 256 tokens,
+                 causal latent decoder 1664 x 24 x 26 heads over 384 positions, 319 PCA codes of
+                 1024 buckets.
   `decoder`      the 3.5B GLIDE decoder at 64 px: ADM UNet base 512, mults 1,2,3,4, 3 res blocks,
                  head channels 64, attention at 32/16/8, text transformer 2048 x 24 x 32 heads.
   `upsampler64`  700M, 64 -> 256: base 320, mults 1,2,3,4, 3 res blocks, blur, cosine, 64 px crops.
@@ -30,7 +33,7 @@ import ml_collections
 
 from configs import clip_vit_l14, shapes
 
-VARIANTS = ("clip", "prior", "decoder", "upsampler64", "upsampler256")
+VARIANTS = ("clip", "prior", "decoder", "upsampler64", "upsampler256", "ar_prior")
 TOPOLOGIES = ("v5p256", "v5e256", "gpu8")
 OPTIONS = ("tiny",) + TOPOLOGIES
 CLIP_WORKDIR = "runs/paper_clip"
@@ -127,6 +130,38 @@ def prior_config() -> ml_collections.ConfigDict:
     return c
 
 
+def ar_prior_config() -> ml_collections.ConfigDict:
+    """The 1B AR prior (App. C, Table 3): text encoder 2048 x 24 (32 heads) over the caption, a
+    causal latent decoder 1664 x 24 (26 heads of 64) over [caption, z_t, dot token, 319 codes].
+
+    The decoder's sequence is 256 + 2 + 319 positions here (the caption's encoded tokens are its
+    prefix); the paper's latent context is 384, which the codes and conditioning tokens fit in.
+    """
+    c = shapes.ar_prior_config()
+    c.clip_workdir = CLIP_WORKDIR  # The frozen CLIP and its embedding cache (embed.py).
+    c.clip_sizes = clip_sizes()
+    c.data.num_threads = 8
+    c.model.width, c.model.depth, c.model.num_heads = 1664, 24, 26  # Latent decoder (head width 64).
+    c.model.text_encoder_width = 2048  # Text encoder.
+    c.model.text_encoder_depth = 24
+    c.model.text_encoder_heads = 32
+    c.model.dtype = "bfloat16"  # Activations; params stay float32.
+    c.model.matmul_dtype = ""  # Projection operands ("" = dtype).
+    c.model.remat_policy = "nothing_saveable"  # Per-block remat.
+    c.codes.num_components = 319  # Paper: 319 of 1024 principal components ...
+    c.codes.num_buckets = 1024  # ... each quantised into 1024 buckets.
+    c.codes.fit_examples = 1_000_000  # Embeddings the PCA and quantiles are fitted on.
+    c.ar.dot_percentile = 0.5  # Paper: the top half (best of 50/70/85/95%).
+    c.train = _paper_train(batch_size=4_096, num_steps=1_000_000, learning_rate=1.6e-4,
+                           weight_decay=4e-2, b2=0.91, eps=1e-10, ema_decay=0.999)
+    c.eval.splits = ("validation",)
+    c.eval.num_examples = 1_000
+    c.eval.num_candidates = 32
+    c.eval.num_train_neighbours = 100_000
+    c.eval.batch_size = 512
+    return c
+
+
 def decoder_config() -> ml_collections.ConfigDict:
     """The 3.5B decoder: GLIDE's 64 px UNet (2.3B) + its text transformer (1.2B), z_i conditioning."""
     c = shapes.decoder_config()
@@ -203,11 +238,15 @@ def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
         c.model.vision_width, c.model.vision_depth, c.model.vision_heads = 32, 2, 2
         c.model.text_width, c.model.text_depth, c.model.text_heads = sizes.text_width, 2, 2
         c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 16, 4, 16
-    elif variant == "prior":
+    elif variant in ("prior", "ar_prior"):
         c.clip_sizes = sizes
         c.model.width, c.model.depth, c.model.num_heads = 32, 2, 2
         c.eval.num_examples, c.eval.num_candidates, c.eval.batch_size = 16, 4, 16
         c.eval.num_train_neighbours = 64
+        if variant == "ar_prior":
+            c.model.text_encoder_width, c.model.text_encoder_depth = 32, 1
+            c.model.text_encoder_heads = 2
+            c.codes.num_components, c.codes.num_buckets, c.codes.fit_examples = 8, 8, 0
     elif variant == "decoder":
         c.clip_sizes = sizes
         c.model.base_channels, c.model.num_res_blocks, c.model.image_size = 16, 1, 16
@@ -256,6 +295,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config = clip_config()
     elif variant == "prior":
         config = prior_config()
+    elif variant == "ar_prior":
+        config = ar_prior_config()
     elif variant == "decoder":
         config = decoder_config()
     else:
