@@ -72,6 +72,22 @@ def test_streaming_statistics_equal_the_one_shot_ones():
     assert s.count == merged.count == 203
 
 
+def test_low_rank_routes_equal_the_general_formula():
+    """Sets of at most D samples keep them: the distance through their factors equals the one
+    through D x D matrices, for two, one or no low-rank sets."""
+    rng = np.random.default_rng(8)
+    d = 24
+    small = [5.0 + rng.standard_normal((n, d)) * rng.uniform(0.1, 2, d) for n in (7, 20)]
+    large = rng.standard_normal((60, d)) @ _spd(rng, d)
+    for x, y in ((small[0], small[1]), (small[0], large), (large, small[1]), (large, large + 1)):
+        sx, sy = _stats(x), _stats(y)
+        assert (sx.rows is not None) == (len(x) <= d) and (sy.rows is not None) == (len(y) <= d)
+        want = frechet.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+        assert frechet.distance(sx, sy) == pytest.approx(want, rel=1e-7)
+    grown = _stats(small[0]).update(large)  # Past D samples: the rows are dropped.
+    assert grown.rows is None and grown.count == 67
+
+
 def test_statistics_of_different_networks_are_refused():
     x = np.random.default_rng(4).standard_normal((20, 4))
     other = dict(IDENTITY, weights_sha256="cd" * 32)
@@ -93,6 +109,9 @@ def test_reference_files_round_trip_and_refuse_foreign_files(tmp_path):
     ref = frechet.load_reference(path)
     assert ref["info"] == {"source": "folder"} and ref["clip"].extractor == clip_id
     assert ref["inception"].count == 30 and "inception.features" not in ref
+    assert ref["inception"].rows is None and ref["clip"].rows is None  # n > D: moments only.
+    frechet.save_reference(path + ".small.npz", {"inception": _stats(x[:5])})
+    np.testing.assert_array_equal(frechet.load_reference(path + ".small.npz")["inception"].rows, x[:5])
     np.testing.assert_allclose(ref["clip.features"], z.astype(np.float32))
     assert frechet.distance(ref["inception"], _stats(x)) < 1e-6
     with pytest.raises(frechet.MixedStatisticsError):
