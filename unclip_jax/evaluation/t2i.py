@@ -297,6 +297,10 @@ def evaluate(pipe, captions: Sequence[str], reference: str, *, num_samples: int,
             real = ref.get(f"{kind}.features")
             if real is not None and min(len(real), num_samples) > k:
                 r.update({f"{kind}/{m}": v for m, v in prdc.prdc(real, feats[kind], k=k).items()})
+            else:
+                logging.warning("%s precision/recall skipped: %s", kind,
+                                "the reference statistics hold no features" if real is None
+                                else f"needs more than k={k} reference features and samples")
         results[f"{scale:g}"] = r
         logging.info("guidance %g: %s", scale, {m: round(v, 4) for m, v in r.items()})
     report = {
@@ -400,7 +404,7 @@ def _main():
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         from unclip_jax import cli
-        from unclip_jax.pipeline import UnCLIPPipeline
+        from unclip_jax.pipeline import StageError, UnCLIPPipeline
         from unclip_jax.stages import load
 
         cli.start()
@@ -421,7 +425,7 @@ def _main():
                               max_reference=f.max_reference, max_prdc=f.max_prdc,
                               batch_size=f.batch_size, pipeline_id=pipeline_id)
         except (UsageError, features_lib.WeightsError, frechet.MixedStatisticsError, FileNotFoundError,
-                load.NotTrainedError) as e:
+                load.NotTrainedError, StageError) as e:
             sys.exit(f"t2i: {e}")
         print(json.dumps(report["results"], indent=2))
 
