@@ -19,6 +19,7 @@ def reference(tmp_path_factory):
     return inception_fixtures.random_inception_weights(tmp_path_factory)
 
 
+@pytest.mark.slow  # 7-12 s on the shared 2-core CPU (the torch forward and one compile).
 def test_pool3_features_match_the_torch_network_preprocessing_included(reference):
     net, weights = reference
     # Not 299 px: the bilinear resize is part of what is compared.
