@@ -23,7 +23,6 @@ from absl import app, flags  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.prior import BATCH, D, L, NUM_SAMPLES, W, random_records  # noqa: E402
 from configs import shapes  # noqa: E402
 from unclip_jax import cpu, parallel  # noqa: E402
 from unclip_jax.data import pca_codes  # noqa: E402
@@ -35,7 +34,19 @@ flags.DEFINE_string("matmul_dtype", None, "Operand dtype of the projections; uns
                     "config's (auto: see unclip_jax/cpu.py).")
 FLAGS = flags.FLAGS
 
+D, L, W, BATCH, NUM_SAMPLES = 256, 77, 256, 32, 8  # As benchmarks/prior.py.
 NUM_COMPONENTS, NUM_BUCKETS, GUIDANCE = 80, 1024, 3.0
+
+
+def random_records(n, rng):
+    """Random unit embeddings, captions of 5..76 tokens and hidden states (as benchmarks/prior.py)."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    tokens = rng.integers(1, 1000, size=(n, L)).astype(np.int32)
+    lengths = rng.integers(5, L, size=n)
+    tokens[np.arange(L)[None] >= lengths[:, None]] = 1023  # EOT then padding with EOT.
+    return {"z_i": unit(rng.normal(size=(n, D))).astype(np.float32),
+            "z_t": unit(rng.normal(size=(n, D))).astype(np.float32),
+            "text_hidden": rng.normal(size=(n, L, W)).astype(np.float32), "tokens": tokens}
 
 
 def fixed_config():

@@ -27,7 +27,7 @@ def ar_config(clip_with_cache, **train):
 
 @pytest.mark.slow
 def test_ar_prior_trains_on_8_devices_like_on_1(clip_with_cache, tmp_path):
-    helpers.assert_same_losses_on_1_and_8_devices(lambda: ar_config(clip_with_cache), tmp_path, steps=3)
+    helpers.assert_same_losses_on_1_and_8_devices(lambda: ar_config(clip_with_cache), tmp_path, steps=2)
 
 
 @pytest.mark.slow
@@ -45,13 +45,13 @@ def test_train_evaluate_reload_and_refit_refused(clip_with_cache, tmp_path):
     refit = pca_codes.fit(pca_codes.cache_chunks(train), num_components=config.codes.num_components,
                           num_buckets=config.codes.num_buckets)
     np.testing.assert_allclose(codebook.centres, refit.centres, rtol=1e-6)
-    # The workdir rebuilds the stage (and its codebook) for sampling.
+    # The workdir rebuilds the stage with its codebook (what sampling from it needs).
     loaded = load.load_stage(workdir)
-    data = ar_task.ARPriorTask(config, workdir)._load_split("validation", 4)
-    z_i = loaded.stage.sample(loaded.params, loaded.mesh, data["z_t"], data["text_hidden"], data["tokens"],
-                              jax.random.key(0), batch_size=4)
-    assert z_i.shape == data["z_i"].shape
-    np.testing.assert_allclose(np.linalg.norm(z_i, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(loaded.stage.codebook.centres, codebook.centres)
+    codes = np.random.default_rng(0).integers(0, codebook.num_buckets, (3, codebook.num_components))
+    want = pca_codes.decode(codebook.arrays(), codes)
+    np.testing.assert_allclose(np.asarray(loaded.stage.decode_codes(jax.numpy.asarray(codes))),
+                               want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-5)
     # A codebook fitted on other embeddings is refused, with one clear message.
     other = str(tmp_path / "other")
     shutil.copytree(workdir, other)
