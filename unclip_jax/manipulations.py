@@ -17,6 +17,12 @@ decoder guidance scale and steps; inversion and decoding use the same (guided) m
 captions are given it conditions on z_i alone (the caption replaced by its learned null, as in
 the decoder's training). Outputs are uint8, upsampled by the pipeline's upsamplers unless
 `upsample=False`.
+
+Imported Karlo stages: the same, with the CLIP's image tower imported beside Karlo's text encoder
+(`convert_karlo.py --clip_dir`); z_i is CLIP's projection unnormalised (as Karlo's decoder takes
+it): interpolation and text diffs move its direction on the sphere and keep (interpolate) its
+norm; "no caption" means the empty caption in both halves of the guidance (Karlo has no learned
+null caption).
 """
 from __future__ import annotations
 
@@ -54,6 +60,12 @@ def _ddim(pipe: UnCLIPPipeline, settings: DecoderSettings | None, eta: float = 0
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _on_sphere(pipe: UnCLIPPipeline, z: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """z [N, D] as the decoder takes it: unit, or (Karlo, whose decoder takes CLIP's projections
+    unnormalised) scaled to `norms` [N] (the inputs' norms, interpolated)."""
+    return _unit(z) * (np.asarray(norms, np.float32)[:, None] if pipe.karlo else 1.0)
 
 
 def _finish(pipe: UnCLIPPipeline, base: np.ndarray, keys: np.ndarray, upsample: bool) -> np.ndarray:
@@ -136,7 +148,8 @@ def interpolate(pipe: UnCLIPPipeline, image_a, image_b, *, num_frames: int = 8, 
         raise ValueError("interpolate takes one image_a and one image_b ([H, W, 3] each)")
     z_i = pipe.encode_image(images)
     frames_z = slerp(np.repeat(z_i[:1], len(thetas), 0), np.repeat(z_i[1:], len(thetas), 0), thetas)
-    frames_z = _unit(frames_z)
+    norms = np.linalg.norm(z_i, axis=-1)
+    frames_z = _on_sphere(pipe, frames_z, (1.0 - thetas) * norms[0] + thetas * norms[1])
     s = pipe.base_size
     if noise == "inverted":
         enc = encode(pipe, images, captions, settings=settings)
@@ -164,6 +177,7 @@ def text_diff_direction(pipe: UnCLIPPipeline, caption_from, caption_to) -> np.nd
     if len(old) != len(new):
         raise ValueError(f"got {len(old)} caption_from but {len(new)} caption_to")
     z_t, _ = pipe.encode_text(pipe.tokenize(old + new))
+    z_t = _unit(z_t)  # (Karlo's z_t are not unit)
     d = z_t[len(old):] - z_t[:len(old)]
     norm = np.linalg.norm(d, axis=-1, keepdims=True)
     if np.any(norm < 1e-6):
@@ -194,7 +208,9 @@ def text_diff(pipe: UnCLIPPipeline, images, caption_from, caption_to, *,
     if z_d.ndim == 2 and len(z_d) != n:
         raise ValueError(f"got {len(z_d)} caption pairs for {n} images")
     z_d = np.broadcast_to(z_d, enc.z_i.shape)
-    z = _unit(slerp(np.repeat(enc.z_i, t, 0), np.repeat(z_d, t, 0), np.tile(thetas, n)))
+    z_i = np.repeat(enc.z_i, t, 0)
+    z = _on_sphere(pipe, slerp(_unit(z_i), np.repeat(z_d, t, 0), np.tile(thetas, n)),
+                   np.linalg.norm(z_i, axis=-1))
     keys = row_keys(seed, first_index + np.repeat(np.arange(n), t), np.tile(np.arange(t), n))
     base = pipe.decode(z, None, keys, _ddim(pipe, settings), x_T=np.repeat(enc.x_T, t, 0))
     out = _finish(pipe, base, keys, upsample)
@@ -280,6 +296,9 @@ def inpaint(pipe: UnCLIPPipeline, images, masks, captions: Sequence[str], *, num
     pixel it covers is masked. After the upsamplers the known pixels are pasted back at full size.
     Returns uint8 [N, num_per_image, S, S, 3].
     """
+    if pipe.karlo:
+        raise ValueError("inpainting is not supported with imported Karlo stages (their decoder "
+                         "conditions on CLIP text encodings, which RePaint here does not pass)")
     images = check_images(images)
     masks = check_masks(masks, images)
     captions = list(captions)

@@ -414,25 +414,39 @@ class UnCLIPPipeline:
         return out[:, :d], out[:, d:].reshape(len(out), tokens.shape[1], -1)
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]."""
+        """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]; with
+        Karlo stages the projected image embedding as it is (what Karlo's decoder takes)."""
         images = resize(check_images(images), self.clip.stage.side)
+        if not self.clip.stage.model.has_vision:
+            hint = (" Import the full CLIP Karlo was trained with (openai/clip-vit-large-patch14): "
+                    "convert_karlo.py --clip_dir=<its local copy>.") if self.karlo else ""
+            raise _stage_error("clip", self.clip.workdir, "is a text encoder alone (no image tower): "
+                               "it cannot embed images for variations, interpolations or text diffs." + hint)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
-            return self.clip.stage.embed(self.clip.params, self.mesh, images=images, batch_size=self.batch_size)
+            return self.clip.stage.embed(self.clip.params, self.mesh, images=images, batch_size=self.batch_size,
+                                         normalize=not self.karlo)
 
     def sample_z_i(self, z_t: np.ndarray, text_hidden: np.ndarray, tokens: np.ndarray, keys: np.ndarray,
-                   settings: PriorSettings | None = None) -> np.ndarray:
-        """The prior: unit z_i [N, D] from z_t [N, D], text hidden [N, L, W], tokens [N, L], row keys."""
+                   settings: PriorSettings | None = None, *, noise: tuple | None = None) -> np.ndarray:
+        """The prior: unit z_i [N, D] from z_t [N, D], text hidden [N, L, W], tokens [N, L], row keys.
+
+        Karlo stages: z_i as the decoder takes it (not unit); `noise` (see `generate_rows`)."""
         s = resolve(settings or self.settings.prior, self.prior.config.diffusion)
         task = self.prior.stage
         key = ("prior", PRIOR_STREAM, s["guidance_scale"], s["best_of"], s["sampler"], s["steps"])
         if self.karlo:
+            if noise is not None and int(s["best_of"]) != 1:
+                raise ValueError(f"fixed noise is given per row, for best_of=1 (got {s['best_of']})")
+
             def build_karlo():
                 body = task.sample_body(guidance_scale=float(s["guidance_scale"]), best_of=int(s["best_of"]),
                                         sampler=s["sampler"], steps=s["steps"])
-                return lambda params, rng, *text: body(params, *text, rng)
+                return _with_noise(lambda params, rng, text, noise: body(params, *text, rng, *noise), 6)
 
-            return self.map_rows(self.program(key, self.prior, build_karlo), self.prior.params, keys,
-                                 self._karlo_text(z_t, text_hidden, tokens))
+            return self.map_rows(self.program(key + (noise is not None,), self.prior, build_karlo),
+                                 self.prior.params, keys,
+                                 self._karlo_text(z_t, text_hidden, tokens) + _noise_rows(noise))
+        self._refuse_noise(noise)
 
         def build():
             body = task.sample_body(guidance_scale=float(s["guidance_scale"]), best_of=int(s["best_of"]),
@@ -453,7 +467,7 @@ class UnCLIPPipeline:
         task = self.decoder.stage
         use_text = tokens is not None
         if self.karlo:
-            return self._karlo_decode(z_i, tokens, keys, s, x_T)
+            return np.asarray(pixels.to_uint8(self._karlo_decode(z_i, tokens, keys, s, x_T=x_T)))
         if tokens is None:
             tokens = np.zeros((len(z_i), task.text_length), np.int32)
         key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], s["eta"],
@@ -491,25 +505,32 @@ class UnCLIPPipeline:
         return [np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), self._text_mask(tokens),
                 *[np.asarray(u, np.float32) if u.dtype != bool else u for u in uncond]]
 
-    def _karlo_decode(self, z_i, tokens, keys, s, x_T):
-        """The Karlo decoder over rows (tokens None: the empty caption conditions both halves)."""
+    def _karlo_decode(self, z_i, tokens, keys, s, *, x_T=None, noise=None) -> np.ndarray:
+        """The Karlo decoder over rows: float32 images [N, s, s, 3] in [-1, 1] (tokens None: the
+        empty caption conditions both halves); x_T or `noise` (see `generate_rows`) replace the
+        drawn noise."""
         if tokens is None:
             tokens = np.repeat(self.tokenize([""]), len(z_i), axis=0)
         z_t, hidden = self.encode_text(tokens)
         task = self.decoder.stage
-        key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], x_T is not None)
+        if x_T is not None:
+            noise = (x_T, None)
+        key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], s["eta"],
+               None if noise is None else noise[1] is None)
 
         def build():
             body = task.sample_body(guidance_scale=float(s["guidance_scale"]), sampler=s["sampler"],
-                                    steps=s["steps"])
-            if x_T is None:
-                return lambda params, rng, z, *text: pixels.to_uint8(body(params, z, *text, rng))
-            return lambda params, rng, z, *rest: pixels.to_uint8(body(params, z, *rest[:-1], rng, rest[-1]))
+                                    steps=s["steps"], eta=s["eta"])
+            return _with_noise(lambda params, rng, inputs, noise: body(params, *inputs, rng, *noise), 7)
 
         inputs = [np.asarray(z_i, np.float32), *self._karlo_text(z_t, hidden, tokens)]
-        if x_T is not None:
-            inputs.append(np.asarray(x_T, np.float32))
-        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys, inputs)
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
+                             inputs + _noise_rows(noise))
+
+    def _refuse_noise(self, noise) -> None:
+        if noise is not None:
+            raise ValueError("fixed step noise (`noise`) is for imported Karlo stages only; this "
+                             "project's samplers take x_T")
 
     def invert(self, images: np.ndarray, z_i: np.ndarray, tokens: np.ndarray | None,
                settings: DecoderSettings | None = None, *, num_fixed_point_iters: int = 0) -> np.ndarray:
@@ -523,6 +544,8 @@ class UnCLIPPipeline:
         s = resolve(settings or self.settings.decoder, self.decoder.config.diffusion)
         task = self.decoder.stage
         images = resize(images, task.side)
+        if self.karlo:
+            return self._karlo_invert(images, z_i, tokens, s, int(num_fixed_point_iters))
         use_text = tokens is not None
         if tokens is None:
             tokens = np.zeros((len(z_i), task.text_length), np.int32)
@@ -537,25 +560,54 @@ class UnCLIPPipeline:
         return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
                          [images, np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)])
 
+    def _karlo_invert(self, images, z_i, tokens, s, num_fixed_point_iters):
+        """`invert` with Karlo stages (tokens None: the empty caption in both halves)."""
+        if tokens is None:
+            tokens = np.repeat(self.tokenize([""]), len(z_i), axis=0)
+        z_t, hidden = self.encode_text(tokens)
+        key = ("invert", DECODER_STREAM, s["guidance_scale"], s["steps"], num_fixed_point_iters)
+
+        def build():
+            body = self.decoder.stage.invert_body(guidance_scale=float(s["guidance_scale"]), steps=s["steps"],
+                                                  num_fixed_point_iters=num_fixed_point_iters)
+            return lambda params, rng, x, *inputs: body(params, pixels.to_model_range(x), *inputs)
+
+        keys = np.zeros((len(images), jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
+                             [images, np.asarray(z_i, np.float32), *self._karlo_text(z_t, hidden, tokens)])
+
     def upsample(self, images: np.ndarray, keys: np.ndarray, settings: UpsamplerSettings | None = None,
-                 *, stages: Sequence[int] | None = None) -> np.ndarray:
-        """Runs the upsamplers (all, or the indices `stages`) on uint8 images [N, s, s, 3]."""
+                 *, stages: Sequence[int] | None = None, noise: tuple | None = None) -> np.ndarray:
+        """Runs the upsamplers (all, or the indices `stages`) on uint8 images [N, s, s, 3].
+
+        Karlo stages also take the decoder's float32 images in [-1, 1], as diffusers hands them on,
+        and `noise` (see `generate_rows`)."""
         images = np.asarray(images)
+        if noise is not None and not self.karlo:
+            self._refuse_noise(noise)
         for j in (range(len(self.upsamplers)) if stages is None else stages):
             up = self.upsamplers[j]
             s = resolve(settings or self.settings.upsampler, up.config.diffusion)
-            key = ("upsampler", UPSAMPLER_STREAM + j, s["sampler"], s["steps"], s["eta"])
+            key = ("upsampler", UPSAMPLER_STREAM + j, s["sampler"], s["steps"], s["eta"], noise is not None)
 
             def build(up=up, s=s):
                 body = up.stage.sample_body(sampler=s["sampler"], steps=s["steps"], eta=s["eta"])
-                return lambda params, rng, low: pixels.to_uint8(body(params, low, rng))
+                return _with_noise(lambda params, rng, low, noise:
+                                   pixels.to_uint8(body(params, *low, rng, *noise)), 1)
 
-            images = self.map_rows(self.program(key, up, build), up.params, keys, [images])
+            images = self.map_rows(self.program(key, up, build), up.params, keys, [images] + _noise_rows(noise))
         return images
 
     # ------------------------------------------------------------------ end to end
-    def generate_rows(self, captions: Sequence[str], keys: np.ndarray, settings: Settings | None = None) -> Samples:
-        """Text -> images for rows (one caption and one key per row; see `row_keys`)."""
+    def generate_rows(self, captions: Sequence[str], keys: np.ndarray, settings: Settings | None = None,
+                      *, noise: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Samples:
+        """Text -> images for rows (one caption and one key per row; see `row_keys`).
+
+        Karlo stages: the decoder's float images go to the super-resolution unrounded (as in
+        diffusers' `UnCLIPPipeline`), and `noise` may replace every draw (to reproduce another
+        implementation's samples): {"prior" | "decoder" | "upsampler": (x_T [N, ...],
+        step_noise [N, steps - 1, ...])}, per row, in the stages' NHWC layout.
+        """
         settings = settings or self.settings
         captions = [str(c) for c in captions]
         if len(captions) != len(keys):
@@ -567,9 +619,19 @@ class UnCLIPPipeline:
         tokens = self.tokenize(unique)
         z_t, hidden = self.encode_text(tokens)
         tokens, z_t, hidden = tokens[index], z_t[index], hidden[index]
-        z_i = self.sample_z_i(z_t, hidden, tokens, keys, settings.prior)
-        base = self.decode(z_i, tokens, keys, settings.decoder)
-        images = self.upsample(base, keys, settings.upsampler)
+        noise = dict(noise or {})
+        if set(noise) - {"prior", "decoder", "upsampler"}:
+            raise ValueError(f"noise: unknown stages {sorted(set(noise) - {'prior', 'decoder', 'upsampler'})}")
+        z_i = self.sample_z_i(z_t, hidden, tokens, keys, settings.prior, noise=noise.get("prior"))
+        if self.karlo:
+            s = resolve(settings.decoder or self.settings.decoder, self.decoder.config.diffusion)
+            base = self._karlo_decode(z_i, tokens, keys, s, noise=noise.get("decoder"))
+            images = self.upsample(base, keys, settings.upsampler, noise=noise.get("upsampler"))
+            base = np.asarray(pixels.to_uint8(base))
+        else:
+            self._refuse_noise(noise or None)
+            base = self.decode(z_i, tokens, keys, settings.decoder)
+            images = self.upsample(base, keys, settings.upsampler)
         n = len(captions)
         return Samples(images=images, base_images=base, z_i=z_i, captions=captions,
                        prompt_index=np.full(n, -1), sample_index=np.full(n, -1))
@@ -587,6 +649,24 @@ class UnCLIPPipeline:
         out = self.generate_rows([prompts[i] for i in p], row_keys(seed, p, k), settings)
         out.prompt_index, out.sample_index = p, k
         return out
+
+
+def _noise_rows(noise: tuple | None) -> list[np.ndarray]:
+    """Per-row fixed noise (x_T [N, ...], step_noise [N, steps - 1, ...] or None) as row inputs."""
+    return [] if noise is None else [np.asarray(a, np.float32) for a in noise if a is not None]
+
+
+def _with_noise(body: Callable, num_inputs: int) -> Callable:
+    """A `program` body `(params, rng, *rows)` from `body(params, rng, inputs, noise)`: rows past
+    the first `num_inputs` are fixed noise, x_T [1, ...] then step_noise [1, steps - 1, ...],
+    handed on as the samplers take them (step_noise [steps - 1, 1, ...])."""
+    def run(params, rng, *rows):
+        inputs, noise = rows[:num_inputs], list(rows[num_inputs:])
+        if len(noise) == 2:
+            noise[1] = jnp.swapaxes(noise[1], 0, 1)
+        return body(params, rng, inputs, noise)
+
+    return run
 
 
 def check_images(images) -> np.ndarray:

@@ -23,31 +23,6 @@ from unclip_jax.stages.prior import PriorStage  # noqa: E402
 from unclip_jax.stages.upsampler import UpsamplerStage  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def karlo_dir(tmp_path_factory):
-    """A diffusers-layout Karlo directory of tiny random components (safetensors)."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-
-    from tests.convert import karlo_tiny
-
-    root = tmp_path_factory.mktemp("karlo")
-    tok_dir = root / "tokenizer"
-    tok_dir.mkdir()
-    tokenizer = tiny._tokenizer(tok_dir)
-    tokenizer.save_pretrained(str(tok_dir))
-    prior, _, _ = karlo_tiny.random_prior(10, tiny.PRIOR)
-    models = {
-        "prior": prior, "text_encoder": tiny._text_encoder(tokenizer),
-        "decoder": karlo_tiny.randomise(UNet2DConditionModel(**tiny.DECODER_TINY), seed=11),
-        "text_proj": karlo_tiny.randomise(UnCLIPTextProjModel(**karlo_tiny.TEXT_PROJ), seed=12),
-        "super_res_first": karlo_tiny.randomise(UNet2DModel(**tiny.SUPER_RES_TINY), seed=13),
-        "super_res_last": karlo_tiny.randomise(UNet2DModel(**tiny.SUPER_RES_TINY), seed=14)}
-    for name, model in models.items():
-        model.save_pretrained(str(root / name), safe_serialization=True)
-    return str(root)
-
-
 def assert_trees_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -68,7 +43,10 @@ def test_workdirs_load_back_as_karlo_stages_with_the_converted_params(karlo_dir,
     assert (up.side, up.scale) == (tiny.SUPER_RES_TINY["sample_size"],
                                    tiny.SUPER_RES_TINY["sample_size"] // tiny.DECODER_TINY["sample_size"])
     record = json.loads(open(os.path.join(written["decoder"], "stage.json")).read())
-    assert record["sizes"]["eot_token_id"] == 1 and record["sizes"]["text_length"] == tiny.L
+    from transformers import CLIPTokenizer
+
+    eot = CLIPTokenizer.from_pretrained(os.path.join(karlo_dir, "tokenizer")).eos_token_id
+    assert record["sizes"]["eot_token_id"] == eot and record["sizes"]["text_length"] == tiny.L
     with pytest.raises(FileExistsError, match="not empty"):
         karlo.write_workdirs(karlo_dir, str(tmp_path / "karlo"))
 
@@ -90,11 +68,12 @@ def test_the_text_encoder_imports_as_a_clip_without_image_tower(karlo_dir, karlo
     clip = load.load_stage(os.path.join(karlo_root, "clip"))
     model = clip.stage.model
     assert not model.has_vision and "vision_model" not in clip.params
-    tokens = clip.stage.tokenizer(["a b", "b", ""])
+    tokens = clip.stage.tokenizer(["a red circle", "blue star", ""])
+    eot = clip.stage.sizes["eot_token_id"]
     z_t, hidden = model.apply({"params": clip.params}, tokens, return_hidden=True, normalize=False,
                               method=model.encode_text)
     reference = CLIPTextModelWithProjection.from_pretrained(os.path.join(karlo_dir, "text_encoder")).eval()
-    mask = (np.cumsum(tokens == 1, axis=-1) - (tokens == 1)) == 0  # up to and including the end
+    mask = (np.cumsum(tokens == eot, axis=-1) - (tokens == eot)) == 0  # up to and including the end
     with torch.no_grad():
         out = reference(input_ids=torch.from_numpy(np.asarray(tokens, np.int64)),
                         attention_mask=torch.from_numpy(mask.astype(np.int64)))
@@ -121,6 +100,43 @@ def test_sample_py_samples_the_imported_stack(karlo_root, tmp_path):
 
     image = np.asarray(Image.open(tmp_path / "out" / "0000_00.png"))
     assert image.shape == (side, side, 3) and image.std() > 0
+
+
+def test_the_imported_pipeline_samples_as_unclip_pipeline(karlo_dir, karlo_root, monkeypatch):
+    """Text -> 16 px ("256 px") through `UnCLIPPipeline.generate_rows` on the imported workdirs
+    (its own tokenizer and text encoder) equals diffusers' `UnCLIPPipeline` run on the directory
+    that was imported, given its noise: the prior's z_i to 1e-4, and every pixel of the decoder's
+    and the final images the rounding of a value within 1e-3 of diffusers' float image."""
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from configs import karlo as karlo_config
+    from unclip_jax import pipeline as pipeline_lib
+
+    classes = {"prior": PriorTransformer, "decoder": UNet2DConditionModel, "text_proj": UnCLIPTextProjModel,
+               "super_res_first": UNet2DModel, "super_res_last": UNet2DModel,
+               "text_encoder": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer}
+    c = {name: cls.from_pretrained(os.path.join(karlo_dir, name)) for name, cls in classes.items()}
+    prompts = ["a red circle", "blue star", "a small green square"]
+    z_i, decoded, final, draws = tiny._run_pipeline(c, prompts, monkeypatch, exact=True)
+    noise = {stage: (x_T, np.swapaxes(steps, 0, 1))
+             for stage, (x_T, steps) in tiny._stage_noise(draws).items()}
+    noise["upsampler"] = noise.pop("super_res")
+
+    pipe = pipeline_lib.UnCLIPPipeline.from_config(karlo_config.get_config(karlo_root), batch_size=2)
+    keys = pipeline_lib.row_keys(0, np.arange(len(prompts)), np.zeros(len(prompts), int))
+    out = pipe.generate_rows(prompts, keys, noise=noise)
+    np.testing.assert_allclose(out.z_i, z_i, rtol=0, atol=1e-4)
+    for ours, theirs in ((out.base_images, decoded), (out.images, final)):
+        assert ours.dtype == np.uint8 and ours.shape == theirs.shape
+        assert np.abs(theirs).max() > 0.5  # not degenerate
+        np.testing.assert_array_less(np.abs(ours / 127.5 - 1.0 - theirs), 1.0 / 255 + 1e-3)
+    # The noise is what made them equal: the pipeline's own draws give other images.
+    own = pipe.generate_rows(prompts, keys)
+    assert np.abs(own.z_i - z_i).max() > 1e-2
+    with pytest.raises(ValueError, match="unknown stages"):
+        pipe.generate_rows(prompts, keys, noise={"super_res": noise["upsampler"]})
 
 
 def test_convert_karlo_py_imports_and_refuses_with_one_message(karlo_dir, tmp_path):

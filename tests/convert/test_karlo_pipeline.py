@@ -34,7 +34,7 @@ transformers = pytest.importorskip("transformers")
 pipeline_unclip = pytest.importorskip("diffusers.pipelines.deprecated.unclip.pipeline_unclip")
 scheduling_unclip = pytest.importorskip("diffusers.schedulers.scheduling_unclip")
 
-from tests.convert import karlo_tiny  # noqa: E402
+from tests.convert import hf_fixtures, karlo_tiny  # noqa: E402
 from tests.convert.karlo_tiny import D, DECODER, SUPER_RES, TEXT_PROJ  # noqa: E402
 from tests.diffusion.test_unclip_scheduler import _scheduler as unclip_scheduler  # noqa: E402
 from unclip_jax.convert import karlo_prior, karlo_unet  # noqa: E402
@@ -55,23 +55,18 @@ TOLERANCE = 1e-3  # required of the images; measured: ~1e-5 (the prior: ~3e-6, a
 # The diffusers side.
 # ---------------------------------------------------------------------------------------------
 def _tokenizer(directory):
-    """A CLIPTokenizer with a minimal vocabulary: the pipeline only tokenizes "" with it."""
-    import json
-
+    """A CLIP tokenizer (byte-level BPE in CLIP's layout, trained on shapes captions) at context L."""
     from transformers import CLIPTokenizer
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(vocab_file=str(directory / "vocab.json"),
-                         merges_file=str(directory / "merges.txt"), model_max_length=L)
+    hf_fixtures.write_tokenizer(str(directory))
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=L)
 
 
 def _text_encoder(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(5)
-    config = CLIPTextConfig(vocab_size=40, hidden_size=D, intermediate_size=2 * D,
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=D, intermediate_size=2 * D,
                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=L,
                             projection_dim=D, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id,
@@ -136,7 +131,8 @@ class _Recorder:
 
 def _run_pipeline(c, text, monkeypatch, *, exact, scales=(PRIOR_SCALE, DECODER_SCALE)):
     """UnCLIPPipeline on the components: (prior z_i, decoder image, final image in [-1, 1], draws),
-    images NHWC; `exact` puts float64 tables in its schedulers; `scales`: the guidance scales."""
+    images NHWC; `exact` puts float64 tables in its schedulers; `scales`: the guidance scales;
+    `text`: the captions' encodings (`_captions`), or a list of prompts the pipeline encodes."""
     pipe = diffusers.UnCLIPPipeline(
         prior=c["prior"], decoder=c["decoder"], text_encoder=c["text_encoder"],
         tokenizer=c["tokenizer"], text_proj=c["text_proj"], super_res_first=c["super_res_first"],
@@ -165,10 +161,13 @@ def _run_pipeline(c, text, monkeypatch, *, exact, scales=(PRIOR_SCALE, DECODER_S
 
     monkeypatch.setattr(c["text_proj"], "forward", text_proj)
     monkeypatch.setattr(torch.nn.functional, "interpolate", resize)
-    z_t, hidden, mask = (torch.from_numpy(a) for a in text)
+    if isinstance(text[0], str):
+        inputs = {"prompt": list(text)}
+    else:
+        z_t, hidden, mask = (torch.from_numpy(a) for a in text)
+        inputs = {"text_model_output": (z_t, hidden), "text_attention_mask": mask}
     try:
-        out = pipe(text_model_output=(z_t, hidden), text_attention_mask=mask,
-                   generator=torch.Generator().manual_seed(0), output_type="np",
+        out = pipe(**inputs, generator=torch.Generator().manual_seed(0), output_type="np",
                    prior_guidance_scale=scales[0], decoder_guidance_scale=scales[1])
     finally:
         monkeypatch.undo()
@@ -215,7 +214,7 @@ def stages(components):
     decoder = load.build_stage(
         _config("decoder", karlo_unet.decoder_config(unet_cfg, proj_cfg),
                 {"guidance_scale": DECODER_SCALE, "learned_variance": True}),
-        {"clip_dim": D, "text_length": L, "vocab_size": 40, "eot_token_id": tok.eos_token_id})
+        {"clip_dim": D, "text_length": L, "vocab_size": len(tok), "eot_token_id": tok.eos_token_id})
     decoder_params = karlo_unet.convert_decoder(karlo_tiny.state(c["decoder"]),
                                                 karlo_tiny.state(c["text_proj"]), unet_cfg,
                                                 proj_cfg)
@@ -365,18 +364,18 @@ def test_karlo_mode_checks_its_config_and_entry_points(stages):
     assert _rebuilt(prior, **{"diffusion.sample_steps": "10"}).sample_schedule.num_steps == 10
     with pytest.raises(ValueError, match="not a respacing spec"):
         decoder.sample_body(guidance_scale=DECODER_SCALE, steps="ddim25")
-    # Only Karlo's own sampler.
+    # Only Karlo's own sampler (and the decoder's DDIM, for the manipulations).
     for stage, kwargs in ((prior, dict(guidance_scale=4.0, best_of=1, sampler="ddpm")),
-                          (decoder, dict(guidance_scale=8.0, sampler="ddim")),
+                          (decoder, dict(guidance_scale=8.0, sampler="dpm++2m")),
                           (upsampler, dict(sampler="ddpm"))):
         with pytest.raises(ValueError, match="is in Karlo mode"):
             stage.sample_body(**kwargs)
+    decoder.sample_body(guidance_scale=8.0, sampler="ddim", eta=0.5)
+    decoder.invert_body(guidance_scale=8.0)
     # No training, no token-based entry points.
     for stage in (prior, decoder, upsampler):
         with pytest.raises(ValueError, match="Karlo mode"):
             stage.loss(None, {}, jax.random.key(0))
-    with pytest.raises(ValueError, match="Karlo mode"):
-        decoder.invert_body()
     with pytest.raises(ValueError, match="Karlo mode"):
         decoder.guided_model_fn(None, None, None, 2.0)
     # The super-resolution needs both UNets' params.

@@ -21,7 +21,9 @@ nothing, and an existing non-empty root is never overwritten.
 
 - `clip`: the CLIP text encoder (`text_encoder/`, a `CLIPTextModelWithProjection`, with
   `tokenizer/`), imported by `hf_clip.write_clip_workdir` as a CLIP with no image tower, when a
-  CLIP config template is given (the entry passes `configs/clip_vit_l14.py:clip`'s).
+  CLIP config template is given (the entry passes `configs/clip_vit_l14.py:clip`'s); or, with
+  `clip_dir`, a full CLIP whose text tower is that encoder (checked tensor by tensor), so that the
+  manipulations can embed images.
 `configs/karlo.py:<root>` is the pipeline config of the root for `sample.py`.
 """
 from __future__ import annotations
@@ -186,16 +188,44 @@ def convert(karlo_dir: str, *, scan_layers: bool = True) -> dict[str, tuple[Any,
 # ---------------------------------------------------------------------------------------------
 # Writing.
 # ---------------------------------------------------------------------------------------------
-def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
+def text_tower_problems(clip_dir: str, text_encoder_dir: str) -> list[str]:
+    """Every way the text tower of the Hugging Face CLIP in `clip_dir` differs from Karlo's
+    `text_encoder/` (the `text_model.*` and `text_projection.*` tensors: missing, other shapes or
+    other values). Karlo's prior and decoder were trained on that encoder's embeddings, so a CLIP
+    imported for its image tower must carry the same text tower."""
+    from unclip_jax.convert import hf_clip
+
+    ours = hf_clip._Tensors(hf_clip.weight_files(text_encoder_dir))
+    theirs = hf_clip._Tensors(hf_clip.weight_files(clip_dir))
+    problems = []
+    for name in ours.names():
+        if not name.startswith(("text_model.", "text_projection.")) or name.endswith("position_ids"):
+            continue
+        if name not in theirs.names():
+            problems.append(f"{name}: missing from --clip_dir")
+        elif ours.shape(name) != theirs.shape(name):
+            problems.append(f"{name}: shape {list(theirs.shape(name))} (Karlo's text encoder: "
+                            f"{list(ours.shape(name))})")
+        elif not np.array_equal(ours.get(name), theirs.get(name)):
+            diff = float(np.max(np.abs(ours.get(name) - theirs.get(name))))
+            problems.append(f"{name}: other values (max |difference| {diff:.3g})")
+    return problems
+
+
+def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None, clip_dir: str | None = None,
                    scan_layers: bool = True) -> dict[str, str]:
     """Converts the directory and writes the stage workdirs under `out_root` (see the module
     docstring); returns {"prior" | "decoder" | "upsampler" (| "clip"): workdir}. Single-process.
     `clip_template`: a CLIP stage config (data, eval, mesh blocks) for the text encoder's workdir;
-    None leaves the text encoder out.
+    None leaves the text encoder out. `clip_dir`: a Hugging Face CLIP with both towers whose text
+    tower is Karlo's text encoder (openai/clip-vit-large-patch14), imported as the CLIP instead
+    of `text_encoder/`, for the manipulations (they embed images).
 
     Raises KarloImportError (every problem listed) before anything is written, or FileExistsError.
     """
     out_root = os.path.abspath(os.path.expanduser(os.fspath(out_root)))
+    if clip_dir is not None and clip_template is None:
+        raise ValueError("clip_dir needs a clip_template (the CLIP workdir's config blocks)")
     with new_directory(out_root) as tmp:
         converted = convert(karlo_dir, scan_layers=scan_layers)
         converted_names = []
@@ -203,12 +233,21 @@ def write_workdirs(karlo_dir: str, out_root: str, *, clip_template=None,
             from unclip_jax.convert import hf_clip
 
             karlo_dir = os.path.abspath(os.path.expanduser(os.fspath(karlo_dir)))
+            source = os.path.join(karlo_dir, "text_encoder")
+            if clip_dir is not None:
+                clip_dir = hf_clip._check_dir(clip_dir)
+                problems = text_tower_problems(clip_dir, source)
+                if problems:
+                    raise KarloImportError(karlo_dir, [
+                        f"--clip_dir {clip_dir}: its text tower is not Karlo's text encoder: {p}"
+                        for p in problems])
+                source = clip_dir
             try:
-                hf_clip.write_clip_workdir(os.path.join(karlo_dir, "text_encoder"),
-                                           os.path.join(tmp, "clip"), clip_template,
+                hf_clip.write_clip_workdir(source, os.path.join(tmp, "clip"), clip_template,
                                            tokenizer_dir=os.path.join(karlo_dir, "tokenizer"))
             except hf_clip.CheckpointMismatchError as e:
-                raise KarloImportError(karlo_dir, [f"text_encoder: {p}" for p in e.problems]) from e
+                where = "text_encoder" if clip_dir is None else f"--clip_dir {clip_dir}"
+                raise KarloImportError(karlo_dir, [f"{where}: {p}" for p in e.problems]) from e
             converted_names.append("clip")
         for name, (config, sizes, params) in converted.items():
             os.makedirs(os.path.join(tmp, name))

@@ -105,15 +105,17 @@ class ClipStage:
 
     # ------------------------------------------------------------------ embedding
     def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
-              tokens: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray:
+              tokens: np.ndarray | None = None, batch_size: int = 64, normalize: bool = True) -> np.ndarray:
         """Unit CLIP embeddings [N, embed_dim] of uint8 images (at `side` px) or int32 tokens,
-        batched over the mesh."""
+        batched over the mesh (`normalize=False`: the projections as they are)."""
         model = self.model
         if images is not None:
             kind, x = "image", images
-            build = lambda: lambda p, x: model.apply({"params": p}, self.normalize(x), method=model.encode_image)  # noqa: E731
+            build = lambda: lambda p, x: model.apply({"params": p}, self.normalize(x), normalize,  # noqa: E731
+                                                     method=model.encode_image)
         else:
             kind, x = "text", tokens
-            build = lambda: lambda p, x: model.apply({"params": p}, x, method=model.encode_text)  # noqa: E731
-        fn = self._jitted(mesh, (kind,), build)
+            build = lambda: lambda p, x: model.apply({"params": p}, x, normalize=normalize,  # noqa: E731
+                                                     method=model.encode_text)
+        fn = self._jitted(mesh, (kind, normalize), build)
         return parallel.map_batches(lambda _, chunk: fn(params, chunk), [x], mesh, batch_size)

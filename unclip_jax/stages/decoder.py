@@ -21,8 +21,11 @@ x_T=None, step_noise=None) -> x_0 float32 [B, side, side, 3] in [-1, 1]`:
   the conditional half alone).
 - `unclip.KARLO_DECODER` sampling (25 steps by default; eps, learned range unclipped, x0 clipped to
   1) and the pipeline's final clamp to [-1, 1]. x_T / step_noise replace the drawn noise.
+- `sampler="ddim"` (not Karlo's; for the manipulations): DDIM at `eta` over the same respaced
+  steps and guided model, `(params, z_i, <the six text arrays>, rng, x_T=None) -> x_0`; and
+  `invert_body` its inversion, `(params, x_0, z_i, <the six text arrays>) -> x_T`.
 `karlo_model_fn` is the (guided) model function of this mode. Neither training (`loss`) nor the
-token-based `guided_model_fn` / `invert_body` / `decode` are supported in this mode.
+token-based `guided_model_fn` / `decode` are supported in this mode.
 """
 from __future__ import annotations
 
@@ -172,8 +175,9 @@ class DecoderStage:
         number of inference steps; `eta` and `drop_text` are not used).
         """
         if self.karlo:
-            diff_lib.check_karlo_sampler("decoder", sampler)
-            return self._karlo_sample_body(guidance_scale=guidance_scale, steps=steps)
+            diff_lib.check_karlo_sampler("decoder", sampler, also=("ddim",))
+            return self._karlo_sample_body(guidance_scale=guidance_scale, steps=steps,
+                                           ddim_eta=None if sampler != "ddim" else float(eta or 0.0))
         diff = self.config.diffusion
         name = sampler or diff.sampler
         schedule = self.schedule_for(steps)
@@ -210,8 +214,8 @@ class DecoderStage:
         return samplers.guided(lambda x, t: apply(x, t, two, drop), guidance_scale,
                                learned_variance=bool(self.model.learned_variance))
 
-    def _karlo_sample_body(self, *, guidance_scale: float, steps=None):
-        """Karlo mode's sampler (see the module docstring)."""
+    def _karlo_sample_body(self, *, guidance_scale: float, steps=None, ddim_eta: float | None = None):
+        """Karlo mode's sampler (see the module docstring); DDIM at `ddim_eta` unless None."""
         karlo = diff_lib.karlo_sampling("decoder", self.config.diffusion, steps)
         schedule = karlo.schedule()
         channels = int(self.model.image_channels)
@@ -221,8 +225,15 @@ class DecoderStage:
             model_fn = self.karlo_model_fn(params, z_i, (z_t, text_hidden, text_mask),
                                            (uncond_z_t, uncond_hidden, uncond_mask), guidance_scale)
             shape = (z_i.shape[0], self.side, self.side, channels)
-            x0 = karlo.sample(model_fn, shape, rng, x_T=x_T, step_noise=step_noise,
-                              schedule=schedule)
+            if ddim_eta is not None:
+                if step_noise is not None:
+                    raise ValueError("step_noise is for Karlo's own sampler, not DDIM")
+                x0 = samplers.sample("ddim", model_fn, schedule, shape, rng, x_T=x_T, eta=ddim_eta,
+                                     param=karlo.param, learned_variance=karlo.learned_variance,
+                                     clip_x0=karlo.clip_x0)
+            else:
+                x0 = karlo.sample(model_fn, shape, rng, x_T=x_T, step_noise=step_noise,
+                                  schedule=schedule)
             return jnp.clip(x0, -1.0, 1.0)
 
         return sample
@@ -235,7 +246,9 @@ class DecoderStage:
         settings uses, so DDIM at eta = 0 from the returned x_T reconstructs x_0 (exactly as
         `num_fixed_point_iters` grows; see `samplers.ddim_invert`).
         """
-        self._refuse_karlo("invert_body (caption tokens)")
+        if self.karlo:
+            return self._karlo_invert_body(guidance_scale=guidance_scale, steps=steps,
+                                           num_fixed_point_iters=num_fixed_point_iters)
         diff = self.config.diffusion
         schedule = self.schedule_for(steps)
 
@@ -243,6 +256,21 @@ class DecoderStage:
             model_fn = self.guided_model_fn(params, z_i, tokens, guidance_scale, drop_text=drop_text)
             return samplers.ddim_invert(model_fn, schedule, x0, param=diff.param, clip_x0=1.0,
                                         learned_variance=bool(diff.learned_variance),
+                                        num_fixed_point_iters=num_fixed_point_iters)
+
+        return invert
+
+    def _karlo_invert_body(self, *, guidance_scale: float, steps, num_fixed_point_iters: int):
+        """Karlo mode's DDIM inversion (see the module docstring): the inverse of
+        `sample_body(sampler="ddim", eta=0)` with the same guidance scale and steps."""
+        karlo = diff_lib.karlo_sampling("decoder", self.config.diffusion, steps)
+        schedule = karlo.schedule()
+
+        def invert(params, x0, z_i, z_t, text_hidden, text_mask, uncond_z_t, uncond_hidden, uncond_mask):
+            model_fn = self.karlo_model_fn(params, z_i, (z_t, text_hidden, text_mask),
+                                           (uncond_z_t, uncond_hidden, uncond_mask), guidance_scale)
+            return samplers.ddim_invert(model_fn, schedule, x0, param=karlo.param, clip_x0=karlo.clip_x0,
+                                        learned_variance=karlo.learned_variance,
                                         num_fixed_point_iters=num_fixed_point_iters)
 
         return invert

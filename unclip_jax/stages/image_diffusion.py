@@ -107,8 +107,10 @@ def karlo_sampling(stage: str, diffusion: ml_collections.ConfigDict, steps=None)
     return base if value is None else dataclasses.replace(base, num_inference_steps=int(value))
 
 
-def check_karlo_sampler(stage: str, sampler: str | None) -> None:
-    """A Karlo-mode stage samples only as Karlo does: `sampler` must be None or "karlo"."""
-    if sampler not in (None, KARLO):
+def check_karlo_sampler(stage: str, sampler: str | None, also: tuple[str, ...] = ()) -> None:
+    """A Karlo-mode stage samples as Karlo does: `sampler` must be None or "karlo" (or in `also`:
+    the decoder's DDIM, for the manipulations)."""
+    if sampler not in (None, KARLO, *also):
+        allowed = " or ".join(repr(a) for a in (None, KARLO, *also))
         raise ValueError(f"the {stage} is in Karlo mode (diffusion.sampler={KARLO!r}): sampler="
-                         f"{sampler!r} is not supported (None or {KARLO!r})")
+                         f"{sampler!r} is not supported ({allowed})")
