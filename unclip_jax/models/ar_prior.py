@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax import cpu
-from unclip_jax.models.layers import (Dtype, Embed, LayerNorm, Transformer, as_dtype,
+from unclip_jax.models.layers import (Dtype, Embed, LayerNorm, Transformer, config_kwargs,
                                       drop_to_null_token, get_activation, get_remat_policy,
                                       partitioned)
 
@@ -242,20 +241,6 @@ def ar_prior_from_config(cfg: Any, *, embed_dim: int, text_width: int, text_leng
                          num_components: int, num_buckets: int) -> ARPrior:
     """Builds an `ARPrior` from a config block whose fields share the module's names (as
     `models.prior.prior_from_config`: dtype / param_dtype / matmul_dtype names, 0 = default)."""
-    missing = [name for name in _REQUIRED if name not in cfg]
-    if missing:
-        raise ValueError(f"AR prior config is missing required fields {missing}")
-    kwargs = {name: cfg[name] for name in _REQUIRED}
-    for name in _OPTIONAL:
-        if name in cfg and (cfg[name] is not None or name == "attention_implementation"):
-            kwargs[name] = cfg[name]
-    for name in ("dtype", "param_dtype"):
-        if name in cfg and cfg[name]:
-            kwargs[name] = as_dtype(cfg[name])
-    matmul = cpu.matmul_dtype(cfg["matmul_dtype"]) if "matmul_dtype" in cfg else None
-    if matmul:
-        kwargs["matmul_dtype"] = as_dtype(matmul)
-    if not kwargs.get("head_dim"):
-        kwargs["head_dim"] = None
+    kwargs = config_kwargs(cfg, _REQUIRED, _OPTIONAL, what="AR prior")
     return ARPrior(embed_dim=int(embed_dim), text_width=int(text_width), text_length=int(text_length),
                    num_components=int(num_components), num_buckets=int(num_buckets), **kwargs)

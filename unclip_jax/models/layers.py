@@ -144,6 +144,32 @@ def as_dtype(value: Any) -> Any:
     return jnp.dtype(value) if isinstance(value, str) else value
 
 
+def config_kwargs(cfg: Any, required: tuple[str, ...], optional: tuple[str, ...], *, what: str) -> dict:
+    """A model's keyword arguments from a config block whose fields share the module's names: the
+    `required` fields (ValueError naming `what` when any is missing) and the `optional` ones set
+    (None = the module's default; attention_implementation may be None), dtype / param_dtype /
+    matmul_dtype names as dtypes ("" = the default; matmul_dtype through `cpu.matmul_dtype`, so
+    "auto" picks per backend and CPU), head_dim 0 = width // num_heads."""
+    from unclip_jax import cpu
+
+    missing = [name for name in required if name not in cfg]
+    if missing:
+        raise ValueError(f"{what} config is missing required fields {missing}")
+    kwargs = {name: cfg[name] for name in required}
+    for name in optional:
+        if name in cfg and (cfg[name] is not None or name == "attention_implementation"):
+            kwargs[name] = cfg[name]
+    for name in ("dtype", "param_dtype"):
+        if name in cfg and cfg[name]:
+            kwargs[name] = as_dtype(cfg[name])
+    matmul = cpu.matmul_dtype(cfg["matmul_dtype"]) if "matmul_dtype" in cfg else None
+    if matmul:
+        kwargs["matmul_dtype"] = as_dtype(matmul)
+    if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
+        kwargs["head_dim"] = None
+    return kwargs
+
+
 def count_params(tree: Any) -> int:
     """Number of scalars in a param tree of arrays or abstract arrays, boxed (`nn.Partitioned`) or
     not."""

@@ -57,8 +57,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from unclip_jax import cpu
-from unclip_jax.models.layers import (Dtype, LayerNorm, Transformer, as_dtype, drop_to_null_token,
+from unclip_jax.models.layers import (Dtype, LayerNorm, Transformer, config_kwargs, drop_to_null_token,
                                       get_activation, get_remat_policy, partitioned,
                                       timestep_embedding)
 
@@ -315,21 +314,7 @@ def prior_from_config(cfg: Any, *, embed_dim: int, text_width: int,
     ignored. The CLIP-dependent sizes
     come from the keyword arguments (they describe the cached embeddings, not the prior).
     """
-    missing = [name for name in _REQUIRED if name not in cfg]
-    if missing:
-        raise ValueError(f"prior config is missing required fields {missing}")
-    kwargs = {name: cfg[name] for name in _REQUIRED}
-    for name in _OPTIONAL:
-        if name in cfg and (cfg[name] is not None or name == "attention_implementation"):
-            kwargs[name] = cfg[name]
-    for name in ("dtype", "param_dtype"):
-        if name in cfg and cfg[name]:
-            kwargs[name] = as_dtype(cfg[name])
-    matmul = cpu.matmul_dtype(cfg["matmul_dtype"]) if "matmul_dtype" in cfg else None
-    if matmul:
-        kwargs["matmul_dtype"] = as_dtype(matmul)
-    if not kwargs.get("head_dim"):  # 0 in a config means "width // num_heads".
-        kwargs["head_dim"] = None
+    kwargs = config_kwargs(cfg, _REQUIRED, _OPTIONAL, what="prior")
     if not kwargs.get("time_embed_dim"):  # 0 in a config means "width".
         kwargs["time_embed_dim"] = None
     for name in ("null_conditioning", "embedding_stats"):
