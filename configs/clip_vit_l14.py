@@ -125,8 +125,7 @@ def decoder_config() -> ml_collections.ConfigDict:
     """The 64 px decoder conditioned on ViT-L/14 z_i (and the caption)."""
     c = shapes.decoder_config()
     c.clip_workdir = CLIP_WORKDIR  # The imported CLIP: its data set, tokenizer and embedding cache.
-    # The shapes judge only understands shapes captions: no judged evaluation on real data.
-    c.eval.splits = ()
+    _real_data_eval(c)
     c.data.num_threads = 16
     unet = shapes.unet_config(base=192, mult=(1, 2, 3, 4), res_blocks=3, attention=(32, 16, 8),
                               image_size=64)  # Paper: base 512 (3.5B parameters).
@@ -150,15 +149,25 @@ def decoder_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _real_data_eval(c: ml_collections.ConfigDict) -> None:
+    """The decoder's evaluation on real data: the shapes judge only understands shapes captions, so
+    decoded validation z_i are scored by FD-CLIP and CLIP score (docs/evaluation.md). Without
+    validation shards (`data.validation_shards` of the CLIP workdir) it is skipped with a note."""
+    c.eval.splits = ("validation",)  # Held-out split whose true z_i are decoded and scored.
+    c.eval.metrics = ("fd_clip", "clip_score")  # Frechet distance and caption fidelity in CLIP space.
+    c.eval.clip_workdir = ""  # CLIP of the features; "" = clip_workdir (the one the decoder is conditioned on).
+
+
 def _tiny_overrides(c: ml_collections.ConfigDict, variant: str) -> None:
     """The `tiny` option (prior and decoder, for smoke tests): every section of configs/shapes.py's
     tiny stage in place of this file's sizes; only `clip_workdir` (this file's CLIP) and the
-    decoder's evaluation splits (none: real captions) stay."""
+    decoder's evaluation metrics (the CLIP ones: real captions) stay."""
     small = shapes.get_config(f"{variant},tiny")
     for section in ("data", "model", "diffusion", "train", "eval"):
         c[section] = small[section]
     if variant == "decoder":
-        c.eval.splits = ()
+        with c.eval.unlocked():
+            _real_data_eval(c)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

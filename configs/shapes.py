@@ -306,6 +306,7 @@ def decoder_config() -> ml_collections.ConfigDict:
         b2=0.999, eps=1e-8, ema_decay=0.999, log_every=50, checkpoint_every=200)
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("validation",)  # Splits whose true z_i are decoded and judged.
+    c.eval.metrics = ("judge",)  # judge (shapes captions) | fd_clip | clip_score (any data; docs/evaluation.md).
     c.eval.num_examples = 200  # Images per split.
     c.eval.batch_size = 100  # Decoding batch.
     c.eval.seed = 0  # Sampling seed.

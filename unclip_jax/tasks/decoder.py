@@ -1,9 +1,19 @@
 """Training the decoder (`stages/decoder.py`) on (image, z_i, caption).
 
 Training reads images from the CLIP's data set and z_i + caption tokens from the embedding cache
-(record i carries the index of its image). Evaluation decodes the TRUE z_i of validation images
-(the prior is not involved) and judges the pixels with the shapes judge against the images'
-captions.
+(record i carries the index of its image). Evaluation decodes the TRUE z_i of held-out images (the
+prior is not involved) and scores the decodings with the metrics `eval.metrics` names:
+
+- `judge`: the shapes judge reads the pixels against the images' captions (shapes data only).
+- `fd_clip`: the Frechet distance between CLIP image features of the decodings and of the real
+  held-out images at the decoder's size (`evaluation/frechet.py`).
+- `clip_score`: 100 x max(cos, 0) of the decodings' CLIP image features with their captions' CLIP
+  text features (`evaluation/features.py`).
+
+The CLIP metrics read the features of `eval.clip_workdir`, or of the stage's own CLIP
+(`clip_workdir`) when it is empty. Its params are loaded at the first evaluation, and the real
+images' features and the captions' of each split are computed once per run, not at every
+evaluation (they do not change while the decoder trains).
 """
 from __future__ import annotations
 
@@ -13,14 +23,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
+from unclip_jax import paths
 from unclip_jax.data import embed
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import input_pipeline
+from unclip_jax.data import tfds_builders
+from unclip_jax.evaluation import features as features_lib
+from unclip_jax.evaluation import frechet
 from unclip_jax.evaluation import shapes_judge
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.tasks.base import Task
+from unclip_jax.train import checkpointing
+
+METRICS = ("judge", "fd_clip", "clip_score")  # What `eval.metrics` may name.
+CLIP_METRICS = ("fd_clip", "clip_score")
+
+
+def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`config.eval.metrics` ("judge" in configs written before the field existed), checked."""
+    names = config.eval.get("metrics", ("judge",))
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"config.eval.metrics={names!r}: unknown metric(s) {unknown}; the decoder "
+                         f"evaluates {METRICS} (judge: shapes captions only; fd_clip and clip_score: any data)")
+    return names
 
 
 class CachedImageSource:
@@ -40,7 +70,7 @@ class CachedImageSource:
 
 
 class DecoderTask(Task):
-    """Trains the decoder on (image, z_i, caption); evaluates decoded true z_i with the judge.
+    """Trains the decoder on (image, z_i, caption); evaluates decoded true z_i (`eval.metrics`).
 
     `sizes` (clip_dim, text_length, vocab_size, eot_token_id) builds it without a CLIP or cache
     behind it (ahead-of-time compiles, benchmarks); such a task cannot train.
@@ -48,12 +78,39 @@ class DecoderTask(Task):
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, sizes: Mapping[str, Any] | None = None):
         super().__init__(config, workdir)
+        self.metrics = eval_metrics(config)
         self.clip = None
+        self.feature_clip_workdir = None  # Without a CLIP behind it (`sizes`) the task cannot evaluate.
         if sizes is None:
             self.clip = embed.cached_clip(config)
             sizes = {"clip_dim": self.clip.embed_dim, "text_length": self.clip.text_length,
                      "vocab_size": self.clip.vocab_size, "eot_token_id": self.clip.eot_token_id}
+            self.feature_clip_workdir = self._feature_clip_workdir()
         self.stage = DecoderStage(config, **sizes)
+        self._feature_clip: features_lib.ClipFeatures | None = None
+        self._references: dict[str, dict[str, Any]] = {}  # split -> real images' statistics, caption features
+        self._skipped: set[str] = set()
+
+    def _feature_clip_workdir(self) -> str | None:
+        """The CLIP workdir the CLIP metrics use, checked now (not at the first evaluation)."""
+        if not any(m in CLIP_METRICS for m in self.metrics) or not self.config.eval.splits:
+            return None
+        if int(self.config.eval.num_examples) < 2:
+            raise ValueError(f"config.eval.num_examples={self.config.eval.num_examples}: fd_clip and "
+                             "clip_score need at least 2 examples per split (a covariance)")
+        given = self.config.eval.get("clip_workdir", "")
+        workdir = given or self.config.get("clip_workdir", "")
+        if not workdir:
+            raise ValueError(f"config.eval.metrics={self.metrics!r} needs a CLIP: set config.eval.clip_workdir "
+                             "or config.clip_workdir")
+        workdir = paths.resolve(workdir)
+        stored = checkpointing.load_config(workdir)
+        field = "eval.clip_workdir" if given else "clip_workdir"
+        if stored is None or stored.get("stage") != "clip":
+            what = "holds no trained or imported stage" if stored is None else f"holds a {stored.get('stage')!r} stage"
+            raise ValueError(f"config.{field}={workdir} {what}: the CLIP metrics {CLIP_METRICS} need a CLIP "
+                             "workdir (trained, or imported with convert_clip.py)")
+        return workdir
 
     def describe(self) -> dict[str, Any]:
         depends = {"clip_workdir": self.config.clip_workdir} if self.config.get("clip_workdir") else {}
@@ -94,14 +151,56 @@ class DecoderTask(Task):
                 [x["caption"] for x in items], np.stack([x["image"] for x in items]))
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
-        """The shapes judge on images decoded from the true z_i of `eval.splits` examples."""
+        """`eval.metrics` of images decoded from the true z_i of `eval.splits` examples (a split
+        the data or the embedding cache lacks is skipped, with a note)."""
         results = {}
         for split in self.config.eval.splits:
-            z_i, tokens, captions, _ = self._eval_examples(split)
+            try:
+                z_i, tokens, captions, real = self._eval_examples(split)
+            except (embedding_cache.CacheNotFoundError, tfds_builders.MissingSplitError) as e:
+                if split not in self._skipped:
+                    logging.warning("decoder evaluation: no %r split, skipped (%s)", split, e)
+                    self._skipped.add(split)
+                continue
             images = self.decode(params, mesh, z_i, tokens, jax.random.key(int(self.config.eval.seed)))
-            scores = shapes_judge.judge_batch(images, captions)
-            results.update({f"eval/{split}/judge_{k}": float(v) for k, v in scores.items()})
+            if "judge" in self.metrics:
+                scores = shapes_judge.judge_batch(images, captions)
+                results.update({f"eval/{split}/judge_{k}": float(v) for k, v in scores.items()})
+            if any(m in CLIP_METRICS for m in self.metrics):
+                scores = self.clip_metrics(split, images, captions, real, mesh)
+                results.update({f"eval/{split}/{k}": v for k, v in scores.items() if k in self.metrics})
         return results
+
+    def feature_clip(self, mesh: Mesh) -> features_lib.ClipFeatures:
+        """The CLIP of the CLIP metrics (EMA params on `mesh`), loaded once per task."""
+        if self._feature_clip is None:
+            if self.clip is not None and self.feature_clip_workdir == self.clip.clip_workdir:
+                logging.info("decoder evaluation: CLIP features of the CLIP the decoder is conditioned on "
+                             "(%s): fine to follow a run; set config.eval.clip_workdir to another CLIP "
+                             "to compare models (docs/evaluation.md)", self.feature_clip_workdir)
+            self._feature_clip = features_lib.ClipFeatures(self.feature_clip_workdir, mesh=mesh,
+                                                           batch_size=int(self.config.eval.batch_size))
+        return self._feature_clip
+
+    def reference(self, split: str, captions, real: np.ndarray, mesh: Mesh) -> dict[str, Any]:
+        """The real images' feature statistics and the captions' unit text features of `split`,
+        computed at the first evaluation and kept (the held-out examples are the same each time)."""
+        if split not in self._references:
+            clip = self.feature_clip(mesh)
+            stats = frechet.Statistics(clip.identity).update(clip.images(real))
+            self._references[split] = {"stats": stats, "texts": clip.texts(list(captions))}
+        return self._references[split]
+
+    def clip_metrics(self, split: str, images: np.ndarray, captions, real: np.ndarray,
+                     mesh: Mesh) -> dict[str, float]:
+        """{"fd_clip", "clip_score"} of decodings [N, side, side, 3] against the real images [N, ...]
+        and their captions (both at least 2 images: a covariance needs them)."""
+        reference = self.reference(split, captions, real, mesh)
+        clip = self.feature_clip(mesh)
+        decoded = clip.images(images)
+        stats = frechet.Statistics(clip.identity).update(decoded)
+        return {"fd_clip": frechet.distance(stats, reference["stats"]),
+                "clip_score": float(np.mean(features_lib.clip_score(decoded, reference["texts"])))}
 
     def sample_images(self, params, mesh: Mesh) -> dict[str, np.ndarray]:
         if not self.config.eval.splits:
