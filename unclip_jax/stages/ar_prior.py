@@ -23,9 +23,11 @@ below them is at least the percentile (the bucket holding the percentile include
 are decoded through the inverse PCA and normalised: `sample(params, z_t, text_hidden, tokens,
 rng) -> unit z_i [B, D]`, the diffusion prior's interface (`stages.prior.PriorStage.sample_body`).
 
-The codebook lives in `<workdir>/ar_codes.npz`; the stage records its path in its sizes
-(`codebook_path`) and reads it on first use, so a stage built from sizes alone (compiles,
-parameter counts) needs no file. Its shapes (K, B) come from the config (`codes`).
+The codebook lives in `<workdir>/ar_codes.npz`; the stage takes its path (`codebook_path`) and
+reads it on first use, so a stage built from sizes alone needs no file. The workdir's `stage.json`
+records it as a path the stage depends on, relative to the workdir (`stages/load.py`), so a moved
+workdir keeps its codebook. Its shapes (K, B) come from the config (`codes`); compiles and FLOP
+counts, which depend on the shapes alone, use `placeholder_codebook`.
 """
 from __future__ import annotations
 
@@ -82,6 +84,19 @@ def draw(logits: jax.Array, rng: jax.Array, *, temperature: float, top_k: int, t
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def placeholder_codebook(num_components: int, num_buckets: int, embed_dim: int) -> pca_codes.Codebook:
+    """A codebook of the given shapes with made-up values (the first K coordinate axes, evenly
+    spaced buckets): what ahead-of-time compiles and FLOP counts need, where only the shapes
+    matter. Never for training or sampling."""
+    k, b, d = int(num_components), int(num_buckets), int(embed_dim)
+    edges = np.linspace(-1.0, 1.0, b + 1)[1:-1]
+    centres = np.linspace(-1.0, 1.0, b)
+    return pca_codes.Codebook(
+        mean=np.zeros(d), components=np.eye(k, d), eigenvalues=np.ones(k),
+        edges=np.tile(edges, (k, 1)), centres=np.tile(centres, (k, 1)), dot_edges=edges,
+        dot_centres=centres, source={"placeholder": True}, explained=float("nan"))
 
 
 class ARPriorStage:

@@ -6,7 +6,7 @@
 A workdir describes itself: `config.json` (the run's config) and `stage.json`, written when
 training starts, with the sizes the model was built with beyond the config (the CLIP's, for the
 prior and decoder; the tokenizer's, for a CLIP) and the paths it depends on (its tokenizer, the
-CLIP it was trained on), relative to the workdir when they are inside the same tree. Loading
+CLIP it was trained on, the AR prior's PCA codebook), relative to the workdir when they are inside the same tree. Loading
 builds the stage from these, takes the params' shapes and shardings from `jax.eval_shape`, and
 restores only those params from the checkpoint (an orbax partial restore): no optimiser, no
 training data, no embedding cache, no tokenizer training.
@@ -25,7 +25,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from unclip_jax import parallel, paths
-from unclip_jax.stages.ar_prior import ARPriorStage
+from unclip_jax.stages.ar_prior import CODEBOOK_FILENAME, ARPriorStage
 from unclip_jax.stages.clip import ClipStage
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.stages.prior import PriorStage
@@ -132,7 +132,26 @@ def stage_from_workdir(workdir: str):
         except (FileNotFoundError, OSError) as e:
             raise NotTrainedError(f"workdir {paths.resolve(workdir)}: its tokenizer ({tok_dir}) cannot be "
                                   f"read: {e}") from e
-    return config, build_stage(config, record["sizes"], tokenizer)
+    sizes = record["sizes"]
+    if config.stage == "ar_prior":
+        sizes = {**sizes, "codebook_path": _codebook_path(workdir, record)}
+    return config, build_stage(config, sizes, tokenizer)
+
+
+def _codebook_path(workdir: str, record: Mapping[str, Any]) -> str:
+    """The AR prior's PCA codebook: `depends_on["codebook"]` (relative to the workdir when it is
+    inside it). Records written before the codebook was a dependency hold an absolute
+    `sizes["codebook_path"]`; where that file is gone (the workdir moved), the workdir's own
+    `ar_codes.npz` is used."""
+    sizes = dict(record["sizes"])
+    path = record["depends_on"].get("codebook") or sizes.get("codebook_path", "")
+    own = os.path.join(paths.resolve(workdir), CODEBOOK_FILENAME)
+    if (not path or not epath.Path(path).exists()) and epath.Path(own).exists():
+        return own
+    if not path or not epath.Path(path).exists():
+        raise NotTrainedError(f"workdir {paths.resolve(workdir)}: the AR prior's PCA codebook "
+                              f"({path or own}) is missing; it is written when training starts")
+    return path
 
 
 def abstract_params(stage, mesh: Mesh, rules) -> Any:

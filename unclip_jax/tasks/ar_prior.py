@@ -65,6 +65,17 @@ class ARPriorTask(PriorTask):
                      "codebook_path": fit_or_load_codebook(config, clip.cache_dir, workdir)}
         self.stage = ARPriorStage(config, **sizes)
 
+    def describe(self) -> dict[str, Any]:
+        """`PriorTask.describe` with the codebook as a path the stage depends on, not a size: the
+        record stores it relative to the workdir (`stages.load.write_record`), so a moved or copied
+        workdir still finds its own `ar_codes.npz`."""
+        described = super().describe()
+        sizes = dict(described["sizes"])
+        codebook = sizes.pop("codebook_path", "")
+        if codebook:
+            described["depends_on"]["codebook"] = codebook
+        return {"sizes": sizes, "depends_on": described["depends_on"]}
+
     def sample_z_i(self, params, mesh: Mesh, records: Mapping[str, np.ndarray], rng: jax.Array, *,
                    guidance_scale: float | None = None, best_of: int | None = None) -> np.ndarray:
         """Samples unit z_i [N, D] for cached captions with the config's `ar` settings."""

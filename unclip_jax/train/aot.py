@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unclip_jax import flops as flops_lib
 from unclip_jax import parallel, tasks
 from unclip_jax.models import layers
+from unclip_jax.stages.ar_prior import placeholder_codebook
 from unclip_jax.train import loop
 from unclip_jax.train import state as state_lib
 
@@ -29,15 +30,15 @@ from unclip_jax.train import state as state_lib
 def sizes_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The sizes `config.stage` needs beyond its config, from the config itself (no files on disk).
 
-    The prior and decoder take the CLIP's sizes from `config.clip_sizes` (embed_dim, text_length,
+    The priors and decoder take the CLIP's sizes from `config.clip_sizes` (embed_dim, text_length,
     text_width, vocab_size, eot_token_id); the CLIP takes its tokenizer's from `config.tokenizer`.
     """
     stage = config.stage
-    if stage in ("prior", "decoder") and "clip_sizes" not in config:
+    if stage in ("prior", "ar_prior", "decoder") and "clip_sizes" not in config:
         raise ValueError(f"config.clip_sizes is needed to build the {stage} without a CLIP workdir "
                          "(embed_dim, text_length, text_width, vocab_size, eot_token_id)")
     s = config.get("clip_sizes")
-    if stage == "prior":
+    if stage in ("prior", "ar_prior"):  # The AR prior's codebook: see `task_from_sizes`.
         return {"embed_dim": s.embed_dim, "text_length": s.text_length, "text_width": s.text_width,
                 "eot_token_id": s.eot_token_id}
     if stage == "decoder":
@@ -54,8 +55,14 @@ def sizes_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def task_from_sizes(config: ml_collections.ConfigDict, workdir: str = ""):
     """The task `config.stage` names, built from `sizes_from_config` instead of files on disk.
-    Such a task compiles and counts parameters; it has no data to train on."""
-    return tasks.get_task(config, workdir, sizes=sizes_from_config(config))
+    Such a task compiles and counts parameters; it has no data to train on. The AR prior gets a
+    placeholder PCA codebook of the config's shapes (its loss encodes z_i through one; the
+    compiled step depends on the shapes alone)."""
+    task = tasks.get_task(config, workdir, sizes=sizes_from_config(config))
+    if config.stage == "ar_prior":
+        task.stage.set_codebook(placeholder_codebook(
+            config.codes.num_components, config.codes.num_buckets, task.stage.embed_dim))
+    return task
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
