@@ -11,6 +11,11 @@ or `load.Loaded` objects given directly). Every stage runs as one compiled progr
 programs are the stages' samplers (`PriorStage.sample_body`, `DecoderStage.sample_body`,
 `UpsamplerStage.sample_body`).
 
+The prior is either of the paper's two (§2.2): the diffusion prior (`PriorStage`) or the
+autoregressive one (`ARPriorStage`, its PCA codes drawn token by token), as the pipeline config's
+`prior.kind` says ("diffusion" | "autoregressive"); both map (z_t, caption hidden states, tokens,
+rng) to a unit z_i, so everything after the prior (decoder, upsamplers, manipulations) is the same.
+
 Seeds: row r of a request (prompt p, sample k) gets the key fold_in(fold_in(key(seed), p), k)
 (`row_keys`), and each stage folds its own id into it. Each stage program is `jax.vmap`ped over
 rows with `spmd_axis_name` set to the data axes (the rows stay sharded), so every row draws its own
@@ -35,6 +40,7 @@ from unclip_jax import parallel, paths
 from unclip_jax.data import images as image_lib
 from unclip_jax.diffusion import pixels
 from unclip_jax.stages import load
+from unclip_jax.stages.ar_prior import ARPriorStage
 from unclip_jax.stages.clip import ClipStage
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.stages.prior import PriorStage
@@ -42,6 +48,11 @@ from unclip_jax.stages.upsampler import UpsamplerStage
 from unclip_jax.train import checkpointing
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+# The two priors of the paper (§2.2): `prior_kind` -> (the stage name train.py records, its class).
+PRIOR_KINDS = {"diffusion": ("prior", PriorStage), "autoregressive": ("ar_prior", ARPriorStage)}
+# PriorSettings fields of each kind (guidance_scale is both's).
+_DIFFUSION_FIELDS = ("guidance_scale", "best_of", "sampler", "steps")
+_AR_FIELDS = ("guidance_scale", "temperature", "top_k", "top_p", "dot_percentile")
 DATA_AXES = ("data", "fsdp")
 # Stage ids folded into a row's key (upsampler j uses UPSAMPLER_STREAM + j).
 PRIOR_STREAM, DECODER_STREAM, UPSAMPLER_STREAM = 0, 1, 2
@@ -82,12 +93,22 @@ def _check_non_negative(name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PriorSettings:
-    """Prior sampling; None = the prior config's value. steps: an int or a respacing spec."""
+    """Prior sampling; None = the prior config's value.
+
+    guidance_scale is both priors'; best_of, sampler and steps (an int or a
+    respacing spec) the diffusion prior's (its config's `diffusion`); temperature (0: greedy),
+    top_k (0: all), top_p (1: all) and dot_percentile (the part of the z_i . z_t token's
+    distribution drawn above) the autoregressive prior's (its config's `ar`).
+    """
 
     guidance_scale: float | None = None
     best_of: int | None = None
     sampler: str | None = None
     steps: int | str | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    dot_percentile: float | None = None
 
     def __post_init__(self):
         _check_non_negative("prior.guidance_scale", self.guidance_scale)
@@ -95,6 +116,24 @@ class PriorSettings:
             raise ValueError(f"prior.best_of={self.best_of!r}: expected an int >= 1")
         _check_sampler("prior", self.sampler)
         _check_steps("prior", self.steps)
+        _check_non_negative("prior.temperature", self.temperature)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or int(self.top_k) != self.top_k
+                                       or self.top_k < 0):
+            raise ValueError(f"prior.top_k={self.top_k!r}: expected an int >= 0 (0: all tokens)")
+        if self.top_p is not None and not 0 < float(self.top_p) <= 1:
+            raise ValueError(f"prior.top_p={self.top_p!r}: expected a number in (0, 1] (1: all tokens)")
+        if self.dot_percentile is not None and not 0 <= float(self.dot_percentile) < 1:
+            raise ValueError(f"prior.dot_percentile={self.dot_percentile!r}: expected a number in [0, 1)")
+
+    def check_kind(self, kind: str) -> None:
+        """ValueError if a field of the other prior is set (best_of 1 is allowed for both)."""
+        own = _AR_FIELDS if kind == "autoregressive" else _DIFFUSION_FIELDS
+        other = "diffusion" if kind == "autoregressive" else "autoregressive"
+        for f in _DIFFUSION_FIELDS + _AR_FIELDS:
+            value = getattr(self, f)
+            if f not in own and value is not None and not (f == "best_of" and int(value) == 1):
+                raise ValueError(f"prior.{f}={value!r} is a setting of the {other} prior; this "
+                                 f"pipeline's prior is the {kind} one (prior.kind)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +190,35 @@ class Settings:
                    block("upsampler", UpsamplerSettings))
 
 
-def resolve(settings, diffusion: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Concrete values of a stage's settings (`PriorSettings`, ...): the stage config's where unset."""
+def check_prior_kind(kind: str | None) -> str | None:
+    """`prior.kind` of a pipeline config: "diffusion", "autoregressive" or None (either)."""
+    if kind is not None and kind not in PRIOR_KINDS:
+        raise ValueError(f"prior.kind={kind!r}: expected one of {list(PRIOR_KINDS)}")
+    return kind
+
+
+def prior_kind_from_config(config: ml_collections.ConfigDict) -> str | None:
+    """The checked `prior.kind` of a pipeline config (None where it has none), with the prior
+    settings of the other kind refused: what `UnCLIPPipeline.from_config` checks before loading."""
+    prior = config.get("prior")
+    kind = check_prior_kind(prior.get("kind") if prior is not None else None)
+    if kind is not None:
+        Settings.from_config(config).prior.check_kind(kind)
+    return kind
+
+
+def resolve(settings, diffusion: ml_collections.ConfigDict, names: Sequence[str] | None = None
+            ) -> dict[str, Any]:
+    """Concrete values of a stage's settings (`PriorSettings`, ...): the stage config's where unset.
+
+    `names`: the fields resolved (default: all of them)."""
     out = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
+    for name in (names if names is not None else [f.name for f in dataclasses.fields(settings)]):
+        value = getattr(settings, name)
         if value is None:
-            default = {"steps": "sample_steps"}.get(f.name, f.name)
-            value = diffusion.get(default, 0.0 if f.name == "eta" else None)
-        out[f.name] = value
+            default = {"steps": "sample_steps"}.get(name, name)
+            value = diffusion.get(default, 0.0 if name == "eta" else None)
+        out[name] = value
     if "steps" in out:
         out["steps"] = _steps(out["steps"])
     if out.get("sampler") != "ddim" and "eta" in out:
@@ -201,22 +260,39 @@ def _stage_error(stage: str, workdir: str, message: str) -> StageError:
     return StageError(f"pipeline stage {stage!r} (workdir {workdir}): {message}")
 
 
-def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str = "ema") -> load.Loaded:
+def load_stage(stage: str, workdir: str, *, mesh: Mesh | None = None, which: str = "ema",
+               prior_kind: str | None = None) -> load.Loaded:
     """`load.load_stage` with errors naming the pipeline stage and its workdir.
+
+    The "prior" stage is the diffusion or the autoregressive prior as `prior_kind` says (None:
+    either).
 
     Raises:
       load.NotTrainedError: the workdir, its config or its checkpoint is missing.
-      StageError: the workdir trained another stage, or its checkpoint (or the CLIP cache it
-        needs) does not fit its config.
+      StageError: the workdir trained another stage (or the other prior), or its checkpoint (or
+        the CLIP cache it needs) does not fit its config.
     """
-    expected = "upsampler" if stage.startswith("upsampler") else stage
     if not workdir:
         raise _stage_error(stage, repr(workdir), "no workdir given: set it in the pipeline config")
     workdir = paths.resolve(workdir)
     stored = checkpointing.load_config(workdir) if os.path.isdir(workdir) else None
-    if stored is not None and stored.get("stage") != expected:
-        raise _stage_error(stage, workdir, f"it holds a trained {stored.get('stage')!r} stage, "
-                                           f"not a {expected!r}: check the pipeline config")
+    held = None if stored is None else stored.get("stage")
+    if stage == "prior":
+        kinds = list(PRIOR_KINDS) if prior_kind is None else [prior_kind]
+        expected = [PRIOR_KINDS[k][0] for k in kinds]
+        other = {name: kind for kind, (name, _) in PRIOR_KINDS.items()}.get(held)
+        if stored is not None and held not in expected and other is not None:
+            raise _stage_error(stage, workdir, f"it holds the {other} prior (stage {held!r}), but the "
+                                               f"pipeline config has prior.kind={prior_kind!r}: set "
+                                               f"prior.kind={other!r} or point prior_workdir at "
+                                               f"a{'n' if prior_kind == 'autoregressive' else ''} "
+                                               f"{prior_kind} prior")
+    else:
+        expected = ["upsampler" if stage.startswith("upsampler") else stage]
+    if stored is not None and held not in expected:
+        raise _stage_error(stage, workdir, f"it holds a trained {held!r} stage, "
+                                           f"not a {' or '.join(map(repr, expected))}: check the "
+                                           "pipeline config")
     try:
         return load.load_stage(workdir, which, mesh=mesh)
     except load.NotTrainedError as e:
@@ -233,9 +309,12 @@ class UnCLIPPipeline:
 
     def __init__(self, clip: load.Loaded, prior: load.Loaded, decoder: load.Loaded,
                  upsamplers: Sequence[load.Loaded] = (), *, mesh: Mesh | None = None,
-                 batch_size: int = 64, settings: Settings | None = None):
-        """Joins trained stages (see `load_stage`); their params must live on `mesh` (default: the CLIP's)."""
+                 batch_size: int = 64, settings: Settings | None = None, prior_kind: str | None = None):
+        """Joins trained stages (see `load_stage`); their params must live on `mesh` (default: the
+        CLIP's). `prior_kind` ("diffusion" | "autoregressive"; None: either) is the prior `prior`
+        must be."""
         self.clip, self.prior, self.decoder = clip, prior, decoder
+        self.expected_prior_kind = check_prior_kind(prior_kind)
         self.upsamplers = list(upsamplers)
         self.mesh = mesh if mesh is not None else clip.mesh
         if isinstance(batch_size, bool) or int(batch_size) < 1:
@@ -249,35 +328,51 @@ class UnCLIPPipeline:
     @classmethod
     def from_workdirs(cls, clip: str, prior: str, decoder: str, upsamplers: Sequence[str] = (), *,
                       mesh: Mesh | None = None, which: str = "ema", batch_size: int = 64,
-                      settings: Settings | None = None) -> "UnCLIPPipeline":
-        """Loads every stage's `which` params ("ema") from its workdir onto `mesh` (default: all devices)."""
+                      settings: Settings | None = None, prior_kind: str | None = None) -> "UnCLIPPipeline":
+        """Loads every stage's `which` params ("ema") from its workdir onto `mesh` (default: all
+        devices). `prior` holds the diffusion or the autoregressive prior, as `prior_kind` says
+        (None: either)."""
+        check_prior_kind(prior_kind)
         mesh = mesh if mesh is not None else parallel.make_mesh((-1, 1, 1))
-        stages = [load_stage(name, w, mesh=mesh, which=which)
+        stages = [load_stage(name, w, mesh=mesh, which=which, prior_kind=prior_kind)
                   for name, w in (("clip", clip), ("prior", prior), ("decoder", decoder))]
         ups = [load_stage(f"upsampler{j}", w, mesh=mesh, which=which) for j, w in enumerate(upsamplers)]
-        return cls(*stages, ups, mesh=mesh, batch_size=batch_size, settings=settings)
+        return cls(*stages, ups, mesh=mesh, batch_size=batch_size, settings=settings, prior_kind=prior_kind)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, *, batch_size: int = 64) -> "UnCLIPPipeline":
-        """From a pipeline config (see configs/pipeline_shapes.py): workdirs, params, mesh, settings."""
+        """From a pipeline config (see configs/pipeline_shapes.py): workdirs, params, mesh, settings,
+        and the prior's kind (`prior.kind`)."""
+        kind = prior_kind_from_config(config)
         mesh = parallel.mesh_from_config(config.mesh) if "mesh" in config else None
         return cls.from_workdirs(config.clip_workdir, config.prior_workdir, config.decoder_workdir,
                                  tuple(config.upsampler_workdirs), mesh=mesh,
                                  which=config.get("params", "ema"), batch_size=batch_size,
-                                 settings=Settings.from_config(config))
+                                 settings=Settings.from_config(config), prior_kind=kind)
 
     def _check_stages(self):
         def fail(stage, trained, message):
             raise _stage_error(stage, trained.workdir, message)
 
+        prior_classes = tuple(cls for _, cls in PRIOR_KINDS.values())
         for stage, trained, kind in (("clip", self.clip, ClipStage),
-                                     ("prior", self.prior, PriorStage),
+                                     ("prior", self.prior, prior_classes),
                                      ("decoder", self.decoder, DecoderStage),
                                      *((f"upsampler{j}", u, UpsamplerStage)
                                        for j, u in enumerate(self.upsamplers))):
             if not isinstance(trained.stage, kind):
-                fail(stage, trained, f"expected a trained {kind.__name__}, got stage "
+                names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                fail(stage, trained, f"expected a trained {names}, got stage "
                                      f"{trained.config.get('stage')!r}")
+        self.prior_kind = next(k for k, (_, cls) in PRIOR_KINDS.items() if isinstance(self.prior.stage, cls))
+        wanted = self.expected_prior_kind
+        if wanted is not None and wanted != self.prior_kind:
+            fail("prior", self.prior, f"it is the {self.prior_kind} prior, but the pipeline asks for "
+                                      f"prior.kind={wanted!r}")
+        try:
+            self.settings.prior.check_kind(self.prior_kind)
+        except ValueError as e:
+            fail("prior", self.prior, str(e))
         self.karlo = bool(getattr(self.prior.stage, "karlo", False))
         for stage, trained in (("decoder", self.decoder),
                                *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))):
@@ -333,13 +428,22 @@ class UnCLIPPipeline:
         s = settings or self.settings
         stages = [("clip", self.clip), ("prior", self.prior), ("decoder", self.decoder),
                   *((f"upsampler{j}", u) for j, u in enumerate(self.upsamplers))]
-        return {
+        out = {
             "stages": {name: {"workdir": t.workdir, "step": int(t.step),
                               "params": t.which} for name, t in stages},
-            "prior": resolve(s.prior, self.prior.config.diffusion),
+            "prior": self._resolve_prior(s.prior),
             "decoder": resolve(s.decoder, self.decoder.config.diffusion),
             "upsamplers": [resolve(s.upsampler, u.config.diffusion) for u in self.upsamplers],
         }
+        out["stages"]["prior"]["kind"] = self.prior_kind
+        return out
+
+    def _resolve_prior(self, settings: PriorSettings) -> dict[str, Any]:
+        """The prior's concrete settings: its own kind's fields, from its config where unset."""
+        settings.check_kind(self.prior_kind)
+        if self.prior_kind == "autoregressive":
+            return self.prior.stage.settings(**{f: getattr(settings, f) for f in _AR_FIELDS})
+        return resolve(settings, self.prior.config.diffusion, _DIFFUSION_FIELDS)
 
     # ------------------------------------------------------------------ programs
     def program(self, key: tuple, trained: load.Loaded, build: Callable[[], Callable]) -> Callable:
@@ -430,9 +534,20 @@ class UnCLIPPipeline:
                    settings: PriorSettings | None = None, *, noise: tuple | None = None) -> np.ndarray:
         """The prior: unit z_i [N, D] from z_t [N, D], text hidden [N, L, W], tokens [N, L], row keys.
 
+        The diffusion or the autoregressive prior (`prior_kind`), each one program per setting.
         Karlo stages: z_i as the decoder takes it (not unit); `noise` (see `generate_rows`)."""
-        s = resolve(settings or self.settings.prior, self.prior.config.diffusion)
+        s = self._resolve_prior(settings or self.settings.prior)
         task = self.prior.stage
+        if self.prior_kind == "autoregressive":
+            self._refuse_noise(noise)
+            key = ("ar_prior", PRIOR_STREAM, *(s[f] for f in _AR_FIELDS))
+
+            def build_ar():
+                body = task.sample_body(**s)
+                return lambda params, rng, z_t, hidden, tok: body(params, z_t, hidden, tok, rng)
+
+            return self.map_rows(self.program(key, self.prior, build_ar), self.prior.params, keys,
+                                 [z_t.astype(np.float32), text_hidden.astype(np.float32), tokens])
         key = ("prior", PRIOR_STREAM, s["guidance_scale"], s["best_of"], s["sampler"], s["steps"])
         if self.karlo:
             if noise is not None and int(s["best_of"]) != 1:

@@ -247,6 +247,7 @@ def run(config, output_dir: str, *, mode: str = "text", prompts: Sequence[str] =
             raise UsageError(f"--{name}={value}: expected >= 1")
     try:
         pipeline_lib.Settings.from_config(config)  # Checked before anything is loaded.
+        pipeline_lib.prior_kind_from_config(config)
     except ValueError as e:
         raise UsageError(f"--config: {e}") from e
     prompts = read_prompts(prompts, prompts_file)
