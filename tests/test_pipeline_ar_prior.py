@@ -169,3 +169,15 @@ def test_aot_builds_the_ar_prior_from_sizes():
     batch = task.batch_spec(2)
     loss, _ = jax.eval_shape(lambda p, b: task.loss_fn(nn.unbox(p), b, jax.random.key(0), 0), params, batch)
     assert loss.shape == ()
+
+
+def test_the_stack_trains_and_judges_either_prior(tmp_path):
+    from unclip_jax.train import stack
+
+    assert stack.stages() == stack.STAGES
+    assert stack.stages("autoregressive") == ("clip", "ar_prior", "decoder", "upsampler")
+    config = stack.stage_config("ar_prior", str(tmp_path), "tiny")
+    assert config.stage == "ar_prior" and config.clip_workdir == stack.stage_workdir(str(tmp_path), "clip")
+    with pytest.raises(ValueError, match="prior_kind 'ar'"):
+        stack.train_stages(str(tmp_path), "tiny", prior_kind="ar")
+    assert not os.path.exists(tmp_path / "stack.json")  # Refused before anything is written.

@@ -4,6 +4,10 @@ Stages, each an ordinary `train.py` workdir under a root (configs/shapes.py vari
 
   shapes_clip -> shapes_clip/cache (embed.py) -> shapes_prior -> shapes_decoder -> shapes_upsampler
 
+With `prior_kind="autoregressive"` the prior is the paper's autoregressive one (`shapes_ar_prior`,
+configs/shapes.py:ar_prior) instead of the diffusion prior; the other stages are the same, so one
+root can hold both priors and judge either.
+
 `train_stages` trains every stage that is not complete (resuming an interrupted one), `judge_stack`
 samples the trained stack through `unclip_jax.pipeline` and scores the pixels with the shapes
 judge, and `run` does both and reports. The configs are read from the repository's `configs/`
@@ -16,6 +20,8 @@ import time
 from absl import logging
 
 STAGES = ("clip", "prior", "decoder", "upsampler")
+# The pipeline's `prior.kind` -> the prior stage trained.
+PRIOR_STAGES = {"diffusion": "prior", "autoregressive": "ar_prior"}
 PRESETS = ("fast", "full", "tiny")
 NUM_CAPTIONS = {"fast": 25, "full": 50, "tiny": 2}
 
@@ -52,6 +58,13 @@ def _check_preset(preset: str) -> None:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
 
 
+def stages(prior_kind: str = "diffusion") -> tuple[str, ...]:
+    """The stages trained, in order, with the prior of `prior_kind` ("diffusion" | "autoregressive")."""
+    if prior_kind not in PRIOR_STAGES:
+        raise ValueError(f"unknown prior_kind {prior_kind!r}; expected one of {tuple(PRIOR_STAGES)}")
+    return tuple(PRIOR_STAGES[prior_kind] if s == "prior" else s for s in STAGES)
+
+
 def claim_root(root: str, preset: str) -> None:
     """Records `preset` in `<root>/stack.json`; a root holding another preset's stages is an error
     (their checkpoints would resume into configs they were not trained with)."""
@@ -68,7 +81,7 @@ def claim_root(root: str, preset: str) -> None:
         json.dump({"preset": preset}, f)
 
 
-def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
+def train_stages(root: str, preset: str, timings: dict | None = None, prior_kind: str = "diffusion") -> dict:
     """Trains every stage that is not complete (and the CLIP embedding cache); returns their metrics.
 
     `timings`, when given, receives each step's wall-clock seconds ("clip", "embed", ...).
@@ -77,10 +90,11 @@ def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
     from unclip_jax.train import loop
 
     _check_preset(preset)  # Before claim_root records it in the root.
+    order = stages(prior_kind)
     claim_root(root, preset)
     timings = {} if timings is None else timings
     results = {}
-    for stage in STAGES:
+    for stage in order:
         config, workdir = stage_config(stage, root, preset), stage_workdir(root, stage)
         start = time.perf_counter()
         if is_complete(config, workdir):
@@ -97,8 +111,9 @@ def train_stages(root: str, preset: str, timings: dict | None = None) -> dict:
     return results
 
 
-def judge_stack(root: str, num_captions: int, columns: int, seed: int) -> dict:
-    """Text -> image through the trained stages; judge rates per caption set, and a sample grid."""
+def judge_stack(root: str, num_captions: int, columns: int, seed: int, prior_kind: str = "diffusion") -> dict:
+    """Text -> image through the trained stages (the prior of `prior_kind`); judge rates per
+    caption set, and a sample grid."""
     import numpy as np
     from PIL import Image
 
@@ -108,6 +123,9 @@ def judge_stack(root: str, num_captions: int, columns: int, seed: int) -> dict:
     from unclip_jax.train import metrics
 
     config = pipeline_shapes.get_config(root)  # <root>/shapes_<stage>, as stage_workdir names them
+    with config.unlocked():
+        config.prior.kind = prior_kind
+        config.prior_workdir = stage_workdir(root, stages(prior_kind)[1])
     pipe = UnCLIPPipeline.from_config(config)
     scores, samples = pipeline_eval.text_to_image(pipe, num_captions, seed=seed, return_samples=True)
     rows = [images[:columns] for _, images, _ in samples.values()]
@@ -119,7 +137,7 @@ def judge_stack(root: str, num_captions: int, columns: int, seed: int) -> dict:
 
 
 def run(preset: str = "fast", root: str | None = None, num_captions: int | None = None,
-        grid_columns: int = 8, seed: int = 0) -> dict:
+        grid_columns: int = 8, seed: int = 0, prior_kind: str = "diffusion") -> dict:
     """Trains the stack under `root` (default runs/stack_<preset>), judges `num_captions` captions
     per caption set (default NUM_CAPTIONS[preset]), writes `<root>/stack_eval.json` and
     `<root>/stack_samples.png`, prints the scores and timings, and returns the scores."""
@@ -127,9 +145,9 @@ def run(preset: str = "fast", root: str | None = None, num_captions: int | None 
     root = os.path.abspath(os.path.expanduser(root or f"runs/stack_{preset}"))
     num_captions = num_captions or NUM_CAPTIONS[preset]
     timings = {}
-    train_stages(root, preset, timings)
+    train_stages(root, preset, timings, prior_kind)
     start = time.perf_counter()
-    scores = judge_stack(root, num_captions, grid_columns, seed)
+    scores = judge_stack(root, num_captions, grid_columns, seed, prior_kind)
     timings["judge"] = round(time.perf_counter() - start, 1)
     scores["preset"], scores["seconds"] = preset, timings
     with open(os.path.join(root, "stack_eval.json"), "w", encoding="utf-8") as f:
