@@ -87,15 +87,19 @@ class PriorTask(Task):
         sampled z_i picks the true image among `num_candidates` images of other captions.
         """
         ev = self.config.eval
-        train = embedding_cache.CacheSource(self.cache_dir, "train")
-        train_z_i = np.stack([np.asarray(train[i]["z_i"]) for i in range(min(len(train), int(ev.num_train_neighbours)))])
+        if not hasattr(self, "_eval_data"):  # Read once per run: the cache does not change.
+            train = embedding_cache.CacheSource(self.cache_dir, "train")
+            n = min(len(train), int(ev.num_train_neighbours))
+            self._train_z_i = np.stack([np.asarray(train[i]["z_i"]) for i in range(n)])
+            self._eval_data = {}
+            for split in ev.splits:
+                try:
+                    self._eval_data[split] = self._load_split(split, int(ev.num_examples))
+                except embedding_cache.CacheNotFoundError:
+                    logging.info("No cached %r split: skipping its evaluation.", split)
+        train_z_i = self._train_z_i
         results = {}
-        for split in ev.splits:
-            try:
-                data = self._load_split(split, int(ev.num_examples))
-            except embedding_cache.CacheNotFoundError:
-                logging.info("No cached %r split: skipping its evaluation.", split)
-                continue
+        for split, data in self._eval_data.items():
             z_i, z_t = data["z_i"], data["z_t"]
             sampled = self.sample_z_i(params, mesh, data, jax.random.key(int(ev.seed)))
             nearest = train_z_i[np.argmax(z_t @ train_z_i.T, axis=1)]
