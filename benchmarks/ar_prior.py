@@ -39,14 +39,7 @@ NUM_COMPONENTS, NUM_BUCKETS, GUIDANCE = 80, 1024, 3.0
 
 
 def random_records(n, rng):
-    """Random unit embeddings, captions of 5..76 tokens and hidden states (as benchmarks/prior.py)."""
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
-    tokens = rng.integers(1, 1000, size=(n, L)).astype(np.int32)
-    lengths = rng.integers(5, L, size=n)
-    tokens[np.arange(L)[None] >= lengths[:, None]] = 1023  # EOT then padding with EOT.
-    return {"z_i": unit(rng.normal(size=(n, D))).astype(np.float32),
-            "z_t": unit(rng.normal(size=(n, D))).astype(np.float32),
-            "text_hidden": rng.normal(size=(n, L, W)).astype(np.float32), "tokens": tokens}
+    return common.random_prior_records(n, rng, embed_dim=D, text_length=L, text_width=W)
 
 
 def fixed_config():

@@ -185,3 +185,18 @@ def convolution_floor(init_fn, batch_size: int, repeats: int = 5) -> dict:
             "forward_gflops_per_example": round(float(flops) / batch_size / 1e9, 3),
             "forward_seconds": round(forward, 3),
             "forward_backward_seconds": round(backward, 3)}
+
+
+def random_prior_records(n: int, rng, *, embed_dim: int, text_length: int, text_width: int) -> dict:
+    """Random cache records for the priors' benchmarks: unit z_i and z_t [n, embed_dim], captions of
+    5..text_length-1 tokens padded with the end-of-text id 1023, hidden states [n, L, W]."""
+    import numpy as np
+
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    tokens = rng.integers(1, 1000, size=(n, text_length)).astype(np.int32)
+    lengths = rng.integers(5, text_length, size=n)
+    tokens[np.arange(text_length)[None] >= lengths[:, None]] = 1023  # EOT then padding with EOT.
+    return {"z_i": unit(rng.normal(size=(n, embed_dim))).astype(np.float32),
+            "z_t": unit(rng.normal(size=(n, embed_dim))).astype(np.float32),
+            "text_hidden": rng.normal(size=(n, text_length, text_width)).astype(np.float32),
+            "tokens": tokens}
