@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unclip_jax import parallel, paths
 from unclip_jax.data import images as image_lib
 from unclip_jax.diffusion import pixels
+from unclip_jax.models.layers import text_mask
 from unclip_jax.stages import load
 from unclip_jax.stages.ar_prior import ARPriorStage
 from unclip_jax.stages.clip import ClipStage
@@ -582,7 +583,8 @@ class UnCLIPPipeline:
         task = self.decoder.stage
         use_text = tokens is not None
         if self.karlo:
-            return np.asarray(pixels.to_uint8(self._karlo_decode(z_i, tokens, keys, s, x_T=x_T)))
+            return np.asarray(pixels.to_uint8(
+                self._karlo_decode(z_i, self._karlo_captions(tokens, len(z_i)), keys, s, x_T=x_T)))
         if tokens is None:
             tokens = np.zeros((len(z_i), task.text_length), np.int32)
         key = ("decoder", DECODER_STREAM, s["guidance_scale"], s["sampler"], s["steps"], s["eta"],
@@ -609,8 +611,7 @@ class UnCLIPPipeline:
 
     def _text_mask(self, tokens: np.ndarray) -> np.ndarray:
         """The tokenizer's attention mask: True up to and including the first end-of-text token."""
-        is_eot = np.asarray(tokens) == int(self.clip.stage.sizes["eot_token_id"])
-        return (np.cumsum(is_eot, axis=-1) - is_eot) == 0
+        return np.asarray(text_mask(np.asarray(tokens), int(self.clip.stage.sizes["eot_token_id"])))
 
     def _karlo_text(self, z_t: np.ndarray, hidden: np.ndarray, tokens: np.ndarray) -> list[np.ndarray]:
         """Per-row inputs of a Karlo stage: the caption's z_t, hidden states, mask, then the empty
@@ -620,13 +621,18 @@ class UnCLIPPipeline:
         return [np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), self._text_mask(tokens),
                 *[np.asarray(u, np.float32) if u.dtype != bool else u for u in uncond]]
 
-    def _karlo_decode(self, z_i, tokens, keys, s, *, x_T=None, noise=None) -> np.ndarray:
-        """The Karlo decoder over rows: float32 images [N, s, s, 3] in [-1, 1] (tokens None: the
-        empty caption conditions both halves); x_T or `noise` (see `generate_rows`) replace the
-        drawn noise."""
+    def _karlo_captions(self, tokens: np.ndarray | None, n: int) -> list[np.ndarray]:
+        """`_karlo_text` of N rows' caption tokens, encoded here (None: the empty caption on every
+        row, as Karlo has no learned null caption)."""
         if tokens is None:
-            tokens = np.repeat(self.tokenize([""]), len(z_i), axis=0)
+            tokens = np.repeat(self.tokenize([""]), n, axis=0)
         z_t, hidden = self.encode_text(tokens)
+        return self._karlo_text(z_t, hidden, tokens)
+
+    def _karlo_decode(self, z_i, captions: list[np.ndarray], keys, s, *, x_T=None, noise=None) -> np.ndarray:
+        """The Karlo decoder over rows: float32 images [N, s, s, 3] in [-1, 1], conditioned on z_i
+        and `captions` (`_karlo_text` / `_karlo_captions`); x_T or `noise` (see `generate_rows`)
+        replace the drawn noise."""
         task = self.decoder.stage
         if x_T is not None:
             noise = (x_T, None)
@@ -638,9 +644,8 @@ class UnCLIPPipeline:
                                     steps=s["steps"], eta=s["eta"])
             return _with_noise(lambda params, rng, inputs, noise: body(params, *inputs, rng, *noise), 7)
 
-        inputs = [np.asarray(z_i, np.float32), *self._karlo_text(z_t, hidden, tokens)]
         return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
-                             inputs + _noise_rows(noise))
+                             [np.asarray(z_i, np.float32), *captions] + _noise_rows(noise))
 
     def _refuse_noise(self, noise) -> None:
         if noise is not None:
@@ -669,17 +674,14 @@ class UnCLIPPipeline:
         def build():
             body = task.invert_body(guidance_scale=float(s["guidance_scale"]), steps=s["steps"],
                                     num_fixed_point_iters=int(num_fixed_point_iters), drop_text=not use_text)
-            return lambda params, rng, x, z, tok: body(params, x.astype(jnp.float32) / 127.5 - 1.0, z, tok)
+            return lambda params, rng, x, z, tok: body(params, pixels.to_model_range(x), z, tok)
 
-        keys = np.zeros((len(images), jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
-        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
-                         [images, np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)])
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params,
+                             _unused_keys(len(images)),
+                             [images, np.asarray(z_i, np.float32), np.asarray(tokens, np.int32)])
 
     def _karlo_invert(self, images, z_i, tokens, s, num_fixed_point_iters):
         """`invert` with Karlo stages (tokens None: the empty caption in both halves)."""
-        if tokens is None:
-            tokens = np.repeat(self.tokenize([""]), len(z_i), axis=0)
-        z_t, hidden = self.encode_text(tokens)
         key = ("invert", DECODER_STREAM, s["guidance_scale"], s["steps"], num_fixed_point_iters)
 
         def build():
@@ -687,9 +689,9 @@ class UnCLIPPipeline:
                                                   num_fixed_point_iters=num_fixed_point_iters)
             return lambda params, rng, x, *inputs: body(params, pixels.to_model_range(x), *inputs)
 
-        keys = np.zeros((len(images), jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
-        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params, keys,
-                             [images, np.asarray(z_i, np.float32), *self._karlo_text(z_t, hidden, tokens)])
+        return self.map_rows(self.program(key, self.decoder, build), self.decoder.params,
+                             _unused_keys(len(images)),
+                             [images, np.asarray(z_i, np.float32), *self._karlo_captions(tokens, len(z_i))])
 
     def upsample(self, images: np.ndarray, keys: np.ndarray, settings: UpsamplerSettings | None = None,
                  *, stages: Sequence[int] | None = None, noise: tuple | None = None) -> np.ndarray:
@@ -739,8 +741,9 @@ class UnCLIPPipeline:
             raise ValueError(f"noise: unknown stages {sorted(set(noise) - {'prior', 'decoder', 'upsampler'})}")
         z_i = self.sample_z_i(z_t, hidden, tokens, keys, settings.prior, noise=noise.get("prior"))
         if self.karlo:
-            s = resolve(settings.decoder or self.settings.decoder, self.decoder.config.diffusion)
-            base = self._karlo_decode(z_i, tokens, keys, s, noise=noise.get("decoder"))
+            s = resolve(settings.decoder, self.decoder.config.diffusion)
+            base = self._karlo_decode(z_i, self._karlo_text(z_t, hidden, tokens), keys, s,
+                                      noise=noise.get("decoder"))
             images = self.upsample(base, keys, settings.upsampler, noise=noise.get("upsampler"))
             base = np.asarray(pixels.to_uint8(base))
         else:
@@ -764,6 +767,11 @@ class UnCLIPPipeline:
         out = self.generate_rows([prompts[i] for i in p], row_keys(seed, p, k), settings)
         out.prompt_index, out.sample_index = p, k
         return out
+
+
+def _unused_keys(n: int) -> np.ndarray:
+    """Row keys [n, key_words] for a deterministic program (DDIM inversion draws nothing)."""
+    return np.zeros((n, jax.random.key_data(jax.random.key(0)).shape[-1]), np.uint32)
 
 
 def _noise_rows(noise: tuple | None) -> list[np.ndarray]:
