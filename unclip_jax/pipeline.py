@@ -521,7 +521,7 @@ class UnCLIPPipeline:
     def encode_image(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]; with
         Karlo stages the projected image embedding as it is (what Karlo's decoder takes)."""
-        images = resize(check_images(images), self.clip.stage.side)
+        images = self.clip.stage.prepare_images(check_images(images))
         if not self.clip.stage.model.has_vision:
             hint = (" Import the full CLIP Karlo was trained with (openai/clip-vit-large-patch14): "
                     "convert_karlo.py --clip_dir=<its local copy>.") if self.karlo else ""
@@ -794,12 +794,7 @@ def _with_noise(body: Callable, num_inputs: int) -> Callable:
 
 def check_images(images) -> np.ndarray:
     """uint8 [N, H, W, 3] (a single [H, W, 3] image becomes N = 1), with a clear error otherwise."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"images must be uint8 [N, H, W, 3] with N >= 1, got {images.dtype} {list(images.shape)}")
-    return images
+    return image_lib.check_image_batch(images)
 
 
 def resize(images: np.ndarray, side: int) -> np.ndarray:

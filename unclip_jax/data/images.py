@@ -18,6 +18,18 @@ def _check_uint8_image(image, name: str = "image") -> np.ndarray:
     return image
 
 
+def check_image_batch(images, *, allow_single: bool = True) -> np.ndarray:
+    """uint8 [N, H, W, 3] with N >= 1 (with `allow_single`, a single [H, W, 3] image becomes
+    N = 1), with a clear error otherwise."""
+    images = np.asarray(images)
+    if allow_single and images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] with N >= 1, got {images.dtype} "
+                         f"{list(images.shape)}")
+    return images
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of an image uint8 [height, width, 3]."""
     image = _check_uint8_image(image)

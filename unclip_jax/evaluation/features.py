@@ -147,15 +147,7 @@ class ClipFeatures:
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> uint8 [N, side, side, 3] as the CLIP's data was prepared."""
-        images = check_images(images)
-        side, p = self.stage.side, self.stage.preprocess
-        if images.shape[1:3] == (side, side):
-            return images
-        if p is not None:
-            return np.stack([image_lib.clip_preprocess(x, resize_size=int(p.resize_size),
-                                                       crop_size=int(p.crop_size), resample=str(p.resample))
-                             for x in images])
-        return np.stack([image_lib.resize_center_crop(x, side) for x in images])
+        return self.stage.prepare_images(check_images(images))
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """Unit image embeddings float32 [N, D]."""
@@ -189,8 +181,4 @@ def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.
 
 def check_images(images) -> np.ndarray:
     """uint8 [N, H, W, 3] with N >= 1, or one clear error."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-        raise ValueError(f"images must be uint8 [N, H, W, 3] with N >= 1, got {images.dtype} "
-                         f"{list(images.shape)}")
-    return images
+    return image_lib.check_image_batch(images, allow_single=False)

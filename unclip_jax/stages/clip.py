@@ -103,6 +103,19 @@ class ClipStage:
                                           crop_size=int(p.crop_size), resample=str(p.resample))
         return image, caption
 
+    def prepare_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> uint8 [N, side, side, 3] as this CLIP's data were prepared (its
+        own resize and crop when imported, else a bicubic resize and centre crop); images already
+        at `side` are kept as they are."""
+        p = self.preprocess
+        if images.shape[1:3] == (self.side, self.side):
+            return images
+        if p is not None:
+            return np.stack([image_lib.clip_preprocess(x, resize_size=int(p.resize_size),
+                                                       crop_size=int(p.crop_size), resample=str(p.resample))
+                             for x in images])
+        return np.stack([image_lib.resize_center_crop(x, self.side) for x in images])
+
     # ------------------------------------------------------------------ embedding
     def embed(self, params, mesh: Mesh, *, images: np.ndarray | None = None,
               tokens: np.ndarray | None = None, batch_size: int = 64, normalize: bool = True) -> np.ndarray:
