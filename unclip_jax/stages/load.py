@@ -6,10 +6,10 @@
 A workdir describes itself: `config.json` (the run's config) and `stage.json`, written when
 training starts, with the sizes the model was built with beyond the config (the CLIP's, for the
 prior and decoder; the tokenizer's, for a CLIP) and the paths it depends on (its tokenizer, the
-CLIP it was trained on, the AR prior's PCA codebook), relative to the workdir when they are inside the same tree. Loading
-builds the stage from these, takes the params' shapes and shardings from `jax.eval_shape`, and
-restores only those params from the checkpoint (an orbax partial restore): no optimiser, no
-training data, no embedding cache, no tokenizer training.
+CLIP it was trained on, the AR prior's PCA codebook), relative to the workdir when they are inside
+the same tree. Loading builds the stage from these, takes the params' shapes and shardings from
+`jax.eval_shape`, and restores only those params from the checkpoint (an orbax partial restore): no
+optimiser, no training data, no embedding cache, no tokenizer training.
 """
 from __future__ import annotations
 
@@ -143,15 +143,13 @@ def _codebook_path(workdir: str, record: Mapping[str, Any]) -> str:
     inside it). Records written before the codebook was a dependency hold an absolute
     `sizes["codebook_path"]`; where that file is gone (the workdir moved), the workdir's own
     `ar_codes.npz` is used."""
-    sizes = dict(record["sizes"])
-    path = record["depends_on"].get("codebook") or sizes.get("codebook_path", "")
+    path = record["depends_on"].get("codebook") or record["sizes"].get("codebook_path", "")
     own = os.path.join(paths.resolve(workdir), CODEBOOK_FILENAME)
-    if (not path or not epath.Path(path).exists()) and epath.Path(own).exists():
-        return own
-    if not path or not epath.Path(path).exists():
-        raise NotTrainedError(f"workdir {paths.resolve(workdir)}: the AR prior's PCA codebook "
-                              f"({path or own}) is missing; it is written when training starts")
-    return path
+    for candidate in (path, own):
+        if candidate and epath.Path(candidate).exists():
+            return candidate
+    raise NotTrainedError(f"workdir {paths.resolve(workdir)}: the AR prior's PCA codebook "
+                          f"({path or own}) is missing; it is written when training starts")
 
 
 def abstract_params(stage, mesh: Mesh, rules) -> Any:

@@ -90,6 +90,7 @@ class DecoderTask(Task):
         self._feature_clip: features_lib.ClipFeatures | None = None
         self._references: dict[str, dict[str, Any]] = {}  # split -> real images' statistics, caption features
         self._skipped: set[str] = set()
+        self._examples: dict[str, tuple] = {}  # split -> the held-out examples (`_eval_examples`)
 
     def _feature_clip_workdir(self) -> str | None:
         """The CLIP workdir the CLIP metrics use, checked now (not at the first evaluation)."""
@@ -145,10 +146,14 @@ class DecoderTask(Task):
                                  guidance_scale=guidance_scale)
 
     def _eval_examples(self, split: str):
-        source = self.source(split)
-        items = [source[i] for i in range(min(len(source), int(self.config.eval.num_examples)))]
-        return (np.stack([x["z_i"] for x in items]), np.stack([x["tokens"] for x in items]),
-                [x["caption"] for x in items], np.stack([x["image"] for x in items]))
+        """(z_i, tokens, captions, real images) of `split`'s first `eval.num_examples` examples,
+        read at the first evaluation and kept (they do not change while the decoder trains)."""
+        if split not in self._examples:
+            source = self.source(split)
+            items = [source[i] for i in range(min(len(source), int(self.config.eval.num_examples)))]
+            self._examples[split] = (np.stack([x["z_i"] for x in items]), np.stack([x["tokens"] for x in items]),
+                                     [x["caption"] for x in items], np.stack([x["image"] for x in items]))
+        return self._examples[split]
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
         """`eval.metrics` of images decoded from the true z_i of `eval.splits` examples (a split
