@@ -25,6 +25,25 @@ XLA_CPU_CONVOLUTIONS = flags.DEFINE_enum(
     "the option). See unclip_jax/cpu.py.")
 
 
+class UsageError(ValueError):
+    """Bad command-line input (a flag, a file, a mismatched resume): reported as one line, without
+    a traceback."""
+
+
+def read_lines(path: str, flag: str, what: str) -> list[str]:
+    """The non-blank lines (stripped) of the text file `path` given by `flag`: one `what` per line;
+    UsageError when the file is missing or holds none."""
+    import os
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise UsageError(f"{flag} {path} holds no {what} (one per line expected)")
+    return lines
+
+
 class _QuietLibraries(std_logging.Filter):
     """Drops INFO chatter of orbax, TFDS and grain (warnings and errors still show)."""
 

@@ -5,8 +5,9 @@
 into a one-line exit. The per-mode functions (`run_text`, `run_variations`, ...) write through a
 `Writer`: every image as a PNG, one grid PNG per prompt (or per input image), and `samples.jsonl`.
 
-Only numpy is imported at module level; JAX, the pipeline and the manipulations inside the
-functions, so that importing this module is quick and never pulls in training code.
+Only numpy and the entries' `cli` helpers (absl) are imported at module level; JAX, the pipeline
+and the manipulations inside the functions, so that importing this module is quick and never
+pulls in training code.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from unclip_jax.cli import UsageError, read_lines
+
 MODES = ("text", "variations", "interpolate", "textdiff", "inpaint")
 DEFAULT_THETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-class UsageError(ValueError):
-    """Bad command-line input (a flag, a file): reported as one line, without a traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,13 +36,7 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     """
     out = [p for p in (prompts or []) if p.strip()]
     if prompts_file:
-        if not os.path.isfile(prompts_file):
-            raise UsageError(f"--prompts_file {prompts_file} does not exist")
-        with open(prompts_file, encoding="utf-8") as f:
-            from_file = [line.strip() for line in f if line.strip()]
-        if not from_file:
-            raise UsageError(f"--prompts_file {prompts_file} holds no prompt (one per line expected)")
-        out += from_file
+        out += read_lines(prompts_file, "--prompts_file", "prompt")
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from unclip_jax.cli import UsageError, read_lines
 from unclip_jax.data import images as image_lib
 from unclip_jax.evaluation import features as features_lib
 from unclip_jax.evaluation import frechet, prdc
@@ -45,8 +46,6 @@ GUIDES = ("decoder", "prior")
 RUN_FILE = "run.json"
 
 
-class UsageError(ValueError):
-    """Bad command-line input (a flag, a file, a mismatched resume): one line, no traceback."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,13 +53,7 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def read_captions(path: str) -> list[str]:
     """One caption per line (blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--captions {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        captions = [line.strip() for line in f if line.strip()]
-    if not captions:
-        raise UsageError(f"--captions {path} holds no caption (one per line expected)")
-    return captions
+    return read_lines(path, "--captions", "caption")
 
 
 def parse_guidance_scales(text: str | Sequence[float]) -> list[float]:
