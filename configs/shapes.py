@@ -238,7 +238,11 @@ def diffusion_config(*, learned_variance: bool, sampler: str, sample_steps: int,
     d = ml_collections.ConfigDict()
     d.schedule = "cosine"  # Noise schedule: cosine | linear (paper: cosine; linear for 256->1024).
     d.num_timesteps = 1000  # Training diffusion steps.
+    d.logsnr_shift = 0.0  # Added to every step's log-SNR (Hoogeboom et al. 2023: 2 log(64 / side)); 0 = the named schedule.
     d.param = "eps"  # What the UNet predicts: eps | x0 | v.
+    d.t_sampling = "uniform"  # Training noise levels: uniform (DDPM) | lognormal (EDM: ln sigma ~ N(mean, std^2)).
+    d.t_lognormal_mean = -1.2  # EDM's P_mean (t_sampling="lognormal").
+    d.t_lognormal_std = 1.2  # EDM's P_std.
     d.min_snr_gamma = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = plain MSE.
     d.learned_variance = learned_variance  # Learned sigma with the hybrid loss (paper), or fixed variance.
     d.sampler = sampler  # ddpm | ddim | dpm++2m.

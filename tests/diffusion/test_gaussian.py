@@ -169,3 +169,23 @@ def test_min_snr_weighted_loss_is_min_snr_times_the_x0_error(param):
     np.testing.assert_allclose(weighted, jnp.minimum(snr, gamma) * x0_err, rtol=2e-3, atol=1e-6)
     plain = g.mse_loss(param, SCHEDULE, outputs[param], x0, T_IDX, noise)
     np.testing.assert_allclose(g.mse_loss(param, SCHEDULE, outputs[param], x0, T_IDX, noise, 0.0), plain)
+
+
+def test_lognormal_noise_levels_follow_edm_and_uniform_stays_uniform():
+    import ml_collections
+    from unclip_jax.stages import image_diffusion
+    schedule = Schedule.named("cosine", 1000)
+    cfg = ml_collections.ConfigDict({"t_sampling": "lognormal", "t_lognormal_mean": -1.2,
+                                     "t_lognormal_std": 1.2})
+    t = np.asarray(image_diffusion.sample_t(schedule, jax.random.key(0), 200_000, cfg))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    # Each draw is the step with the nearest sigma at or above it, so the steps' sigmas follow EDM's
+    # log-normal up to the schedule's spacing: the median sigma is exp(-1.2), the quartiles +-0.81 std.
+    sigma = np.sqrt(1.0 / np.asarray(schedule.alphas_cumprod, np.float64) - 1.0)[t]
+    np.testing.assert_allclose(np.median(np.log(sigma)), -1.2, atol=0.02)
+    q1, q3 = np.percentile(np.log(sigma), [25, 75])
+    np.testing.assert_allclose([q1, q3], [-1.2 - 0.809, -1.2 + 0.809], atol=0.03)
+    uniform = np.asarray(image_diffusion.sample_t(schedule, jax.random.key(0), 200_000))
+    np.testing.assert_allclose(np.bincount(uniform // 100) / 200_000, 0.1, atol=0.005)
+    with pytest.raises(ValueError, match="t_sampling='edm'"):
+        image_diffusion.sample_t(schedule, jax.random.key(0), 4, ml_collections.ConfigDict({"t_sampling": "edm"}))

@@ -161,3 +161,16 @@ def test_schedule_is_a_pytree_usable_under_jit():
     assert float(total) == pytest.approx(float(sch.alphas_cumprod.sum()) + 19, rel=1e-6)
     with pytest.raises(ValueError, match="outside jax.jit"):
         jax.jit(lambda s: s.respace([0, 1]).betas)(sch)
+
+
+def test_logsnr_shift_adds_a_constant_to_every_steps_log_snr():
+    base, shifted = Schedule.named("cosine", 1000), Schedule.named("cosine", 1000, logsnr_shift=1.5)
+    abar0 = np.cumprod(1 - np.asarray(base.betas_float64))
+    abar1 = np.cumprod(1 - np.asarray(shifted.betas_float64))
+    snr = lambda a: np.log(a) - np.log1p(-a)  # noqa: E731
+    uncapped = np.asarray(base.betas_float64) < 0.999  # the capped last steps stay capped
+    np.testing.assert_allclose((snr(abar1) - snr(abar0))[uncapped], 1.5, atol=1e-6)
+    # 0 is exactly the named schedule; a negative shift is more noise at every step.
+    assert Schedule.named("cosine", 1000, logsnr_shift=0.0).betas_float64 == base.betas_float64
+    more_noise = np.cumprod(1 - np.asarray(Schedule.named("cosine", 1000, logsnr_shift=-1.0).betas_float64))
+    assert np.all(more_noise[uncapped] < abar0[uncapped])

@@ -57,6 +57,21 @@ def get_betas(name: str, num_timesteps: int) -> np.ndarray:
     return _BETA_SCHEDULES[name](num_timesteps)
 
 
+def shift_logsnr(betas: np.ndarray, shift: float, max_beta: float = 0.999) -> np.ndarray:
+    """Betas whose log-SNR, log(abar / (1 - abar)), is every step's plus `shift` (float64 [T]).
+
+    Hoogeboom et al. 2023 (simple diffusion) shift the cosine schedule's log-SNR by
+    2 log(64 / d) for a d-pixel model (negative above 64 px: more noise at every step) so that a
+    resolution sees the same signal at a step as 64 px does in the original schedule; a positive
+    shift (below 64 px) puts every step at less noise. Betas are capped at `max_beta` as the
+    cosine schedule's are.
+    """
+    abar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    logsnr = np.log(abar) - np.log1p(-abar) + float(shift)
+    shifted = 1.0 / (1.0 + np.exp(-logsnr))
+    return np.minimum(1.0 - shifted / np.append(1.0, shifted[:-1]), max_beta)
+
+
 def _check_num_timesteps(num_timesteps):
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
@@ -186,9 +201,14 @@ class Schedule:
         )
 
     @classmethod
-    def named(cls, name: str, num_timesteps: int) -> "Schedule":
-        """The full schedule called `name` ("cosine" | "linear") with `num_timesteps` steps."""
-        return cls.from_betas(get_betas(name, num_timesteps))
+    def named(cls, name: str, num_timesteps: int, logsnr_shift: float = 0.0) -> "Schedule":
+        """The full schedule called `name` ("cosine" | "linear") with `num_timesteps` steps.
+
+        `logsnr_shift` adds a constant to every step's log-SNR (`shift_logsnr`); 0 leaves the
+        named schedule exactly as it is.
+        """
+        betas = get_betas(name, num_timesteps)
+        return cls.from_betas(betas if not logsnr_shift else shift_logsnr(betas, logsnr_shift))
 
     def respace(self, use_timesteps: Iterable[int] | int | str) -> "Schedule":
         """A schedule that keeps only the steps `use_timesteps` (step indices of THIS schedule).

@@ -115,7 +115,7 @@ class DecoderStage:
         diff = self.config.diffusion
         noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = pixels.to_model_range(batch["image"])
-        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
+        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng, self.config.diffusion)
         b = x0.shape[0]
         out = self.model.apply(
             {"params": params}, x_t, t,

@@ -14,16 +14,48 @@ from unclip_jax.diffusion import gaussian, samplers, unclip
 from unclip_jax.diffusion.schedules import Schedule
 
 
+T_SAMPLING = ("uniform", "lognormal")  # How training draws the noise level (`diffusion.t_sampling`).
+
+
 def schedules(diffusion: ml_collections.ConfigDict) -> tuple[Schedule, Schedule]:
-    """The training schedule and its respacing for sampling (`sample_steps`)."""
-    schedule = Schedule.named(diffusion.schedule, int(diffusion.num_timesteps))
+    """The training schedule (`schedule`, `num_timesteps`, `logsnr_shift`) and its respacing for
+    sampling (`sample_steps`)."""
+    schedule = Schedule.named(diffusion.schedule, int(diffusion.num_timesteps),
+                              float(diffusion.get("logsnr_shift", 0.0)))
     return schedule, schedule.respace(diffusion.sample_steps)
 
 
-def noised(schedule: Schedule, x0: jax.Array, rng: jax.Array):
-    """Draws t ~ U{0..T-1} and noise; returns (x_t, t, noise)."""
+def sample_t(schedule: Schedule, rng: jax.Array, n: int,
+             diffusion: ml_collections.ConfigDict | None = None) -> jax.Array:
+    """n training steps [n] int32, drawn as `diffusion.t_sampling` says (uniform without a config).
+
+    - "uniform": t ~ U{0..T-1} (DDPM and the paper).
+    - "lognormal": EDM's noise distribution (Karras et al. 2022): ln sigma ~ N(`t_lognormal_mean`,
+      `t_lognormal_std`^2) (EDM: -1.2, 1.2), sigma = sqrt((1 - abar) / abar) the noise-to-signal
+      ratio of the variance-exploding view of x_t; each draw becomes the step with the nearest
+      sigma above it (the last step for sigmas beyond the schedule). With the v-parameterisation
+      this is EDM's training recipe: EDM's preconditioning with sigma_data = 1 is v-prediction
+      in the variance-preserving form, and its loss weighting then weighs every sigma's v error
+      equally, as the plain v MSE does.
+    """
+    kind = "uniform" if diffusion is None else diffusion.get("t_sampling", "uniform")
+    if kind not in T_SAMPLING:
+        raise ValueError(f"diffusion.t_sampling={kind!r}: expected one of {T_SAMPLING}")
+    if kind == "uniform":
+        return jax.random.randint(rng, (n,), 0, schedule.num_steps)
+    mean = float(diffusion.get("t_lognormal_mean", -1.2))
+    std = float(diffusion.get("t_lognormal_std", 1.2))
+    sigma = jnp.exp(mean + std * jax.random.normal(rng, (n,), jnp.float32))
+    t = jnp.searchsorted(schedule.sqrt_recipm1_alphas_cumprod, sigma)
+    return jnp.minimum(t, schedule.num_steps - 1).astype(jnp.int32)
+
+
+def noised(schedule: Schedule, x0: jax.Array, rng: jax.Array,
+           diffusion: ml_collections.ConfigDict | None = None):
+    """Draws t (`sample_t`: uniform unless `diffusion.t_sampling` says otherwise) and noise;
+    returns (x_t, t, noise)."""
     t_rng, n_rng = jax.random.split(rng)
-    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_steps)
+    t = sample_t(schedule, t_rng, x0.shape[0], diffusion)
     noise = jax.random.normal(n_rng, x0.shape, jnp.float32)
     return gaussian.q_sample(schedule, x0, t, noise), t, noise
 

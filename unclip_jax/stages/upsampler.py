@@ -98,7 +98,7 @@ class UpsamplerStage:
         cond = pixels.to_model_range(batch["low"])
         high = pixels.to_model_range(batch["high"])
         x0 = high - self.base(cond, high.shape[1], high.shape[2])
-        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng)
+        x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng, self.config.diffusion)
         out = self.model.apply({"params": params}, x_t, t, low_res=cond,
                                train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
         return diff_lib.diffusion_loss(self.config.diffusion, self.schedule, out, x0, x_t, t, noise)
