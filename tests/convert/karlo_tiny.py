@@ -4,8 +4,12 @@
 Every parameter is moved off its initialisation (diffusers zero-initialises some), so that a
 converted model that ignored or mis-mapped any tensor would give another output.
 """
+import os
+
 import numpy as np
 import torch
+
+from tests.convert import hf_fixtures
 
 D, TOKENS, CROSS = 12, 4, 16  # CLIP width, z_i context tokens, context width (the UNet tests)
 DECODER = dict(
@@ -67,3 +71,23 @@ def nchw(x):
 def nhwc(x):
     """NCHW torch -> NHWC numpy."""
     return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def full_clip(karlo_dir, out, *, text_from_karlo=True):
+    """A CLIPModel directory (what `convert_karlo.py --clip_dir` takes): Karlo's text encoder (or
+    another random one) + a random image tower."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
+
+    text = CLIPTextModelWithProjection.from_pretrained(os.path.join(karlo_dir, "text_encoder"))
+    t = text.config
+    config = CLIPConfig(text_config=t.to_dict(), vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8), projection_dim=t.projection_dim)
+    torch.manual_seed(21)
+    model = CLIPModel(config).eval()
+    if text_from_karlo:
+        model.text_model.load_state_dict(text.text_model.state_dict())
+        model.text_projection.load_state_dict(text.text_projection.state_dict())
+    model.save_pretrained(str(out), safe_serialization=True)
+    hf_fixtures.write_preprocessor(str(out), 32, 32)
+    return str(out)

@@ -13,30 +13,11 @@ import pytest
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
 
-from tests.convert import hf_fixtures  # noqa: E402
+from tests.convert import karlo_tiny  # noqa: E402
 from unclip_jax import manipulations, pipeline as pipeline_lib  # noqa: E402
 from unclip_jax.convert import karlo  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _full_clip(karlo_dir, out, *, text_from_karlo=True):
-    """A CLIPModel directory: Karlo's text encoder (or another random one) + a random image tower."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
-
-    text = CLIPTextModelWithProjection.from_pretrained(os.path.join(karlo_dir, "text_encoder"))
-    t = text.config
-    config = CLIPConfig(text_config=t.to_dict(), vision_config=dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        image_size=32, patch_size=8), projection_dim=t.projection_dim)
-    torch.manual_seed(21)
-    model = CLIPModel(config).eval()
-    if text_from_karlo:
-        model.text_model.load_state_dict(text.text_model.state_dict())
-        model.text_projection.load_state_dict(text.text_projection.state_dict())
-    model.save_pretrained(str(out), safe_serialization=True)
-    hf_fixtures.write_preprocessor(str(out), 32, 32)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +27,7 @@ def pipe(karlo_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("karlo_full_clip")
     root = tmp / "karlo"
     written = karlo.write_workdirs(karlo_dir, str(root), clip_template=clip_vit_l14.get_config("clip"),
-                                   clip_dir=_full_clip(karlo_dir, tmp / "clip"))
+                                   clip_dir=karlo_tiny.full_clip(karlo_dir, tmp / "clip"))
     assert sorted(written) == ["clip", "decoder", "prior", "upsampler"]
     return pipeline_lib.UnCLIPPipeline.from_config(karlo_config.get_config(str(root)), batch_size=4)
 
@@ -64,7 +45,7 @@ def test_the_image_tower_embeds_as_hf_get_image_features(pipe, karlo_dir, tmp_pa
 
     images = _images(2, side=32)
     z_i = pipe.encode_image(images)
-    reference = CLIPModel.from_pretrained(_full_clip(karlo_dir, tmp_path / "again")).eval()
+    reference = CLIPModel.from_pretrained(karlo_tiny.full_clip(karlo_dir, tmp_path / "again")).eval()
     mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.25, 0.3])  # write_preprocessor's
     x = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
     with torch.no_grad():
@@ -143,7 +124,7 @@ def pipe_config(pipe):
 def test_a_clip_with_another_text_tower_is_refused(karlo_dir, tmp_path):
     from configs import clip_vit_l14
 
-    other = _full_clip(karlo_dir, tmp_path / "other", text_from_karlo=False)
+    other = karlo_tiny.full_clip(karlo_dir, tmp_path / "other", text_from_karlo=False)
     with pytest.raises(karlo.KarloImportError, match=r"not Karlo's text encoder(.|\n)*text_model\."):
         karlo.write_workdirs(karlo_dir, str(tmp_path / "out"), clip_template=clip_vit_l14.get_config("clip"),
                              clip_dir=other)

@@ -51,6 +51,13 @@ def test_cached_embeddings_equal_the_clip_task(workdir, tmp_path):
         numerics.assert_close(z_i, task.embed(trained.params, trained.mesh, images=images))
         numerics.assert_close(z_t, task.embed(trained.params, trained.mesh, tokens=tokens))
         np.testing.assert_allclose(np.linalg.norm(z_i, axis=-1), 1.0, rtol=1e-5)
+        # The norms give back the projections as they are (what an imported Karlo decoder takes).
+        assert cache.norms
+        norms = np.stack([[r["z_i_norm"], r["z_t_norm"]] for r in records])
+        numerics.assert_close(z_i * norms[:, :1], task.embed(trained.params, trained.mesh, images=images,
+                                                             normalize=False), ulps=16)
+        numerics.assert_close(z_t * norms[:, 1:], task.embed(trained.params, trained.mesh, tokens=tokens,
+                                                             normalize=False), ulps=16)
 
     hidden = np.stack([r["text_hidden"] for r in records])
     assert hidden.shape == (40, model.context_length, model.text_width)

@@ -1,4 +1,5 @@
 """The CLIP embedding cache: build, read back, resume, refuse mismatches, hosts, corrupt examples."""
+import json
 import os
 import pickle
 import zlib
@@ -123,6 +124,38 @@ def test_build_and_read_back(source, tmp_path):
 def test_float32_hidden_states(source, tmp_path):
     build(source, tmp_path, num_examples=8, text_hidden_dtype="float32")
     assert_record(ec.CacheSource(str(tmp_path), "train")[5], source, 5, np.float32)
+
+
+def with_norms(images, captions):
+    out = fake_encode(images, captions)
+    return dict(out, z_i_norm=np.arange(len(images), dtype=np.float32) + 2.0,
+                z_t_norm=np.full(len(images), 3.0, np.float32))
+
+
+def test_norms_are_a_format_2_addition_and_format_1_still_reads(source, tmp_path):
+    build(source, tmp_path / "new", with_norms, num_examples=8, norms=True)
+    cache = ec.CacheSource(str(tmp_path / "new"), "train")
+    assert cache.norms and cache.metadata["format_version"] == 2
+    assert cache[3]["z_i_norm"] == 5.0 and cache[3]["z_t_norm"] == 3.0
+    ec.require_norms(cache.metadata, str(tmp_path / "new"), "train", "the test")
+    with pytest.raises(ValueError, match=r"z_i_norm', 'z_t_norm'\] missing"):
+        build(source, tmp_path / "bad", num_examples=8, norms=True)
+
+    # A format-1 cache (written before the norms): read as before, refused where norms are needed.
+    old = tmp_path / "old"
+    build(source, old, num_examples=8)
+    meta = ec.read_metadata(str(old), "train")
+    del meta["norms"]
+    meta["format_version"] = 1
+    (old / "train" / ec.METADATA_FILENAME).write_text(json.dumps(meta))
+    index = json.loads((old / "train" / "chunk-00000.json").read_text())
+    (old / "train" / "chunk-00000.json").write_text(json.dumps(dict(index, fingerprint=ec._fingerprint(meta))))
+    cache = ec.CacheSource(str(old), "train")
+    assert not cache.norms and "z_i_norm" not in cache[5]
+    assert_record(cache[5], source, 5)
+    with pytest.raises(ValueError, match=r"\(format 1\) stores unit embeddings without their norms, "
+                                         r"which the test needs: rebuild it .*python embed.py"):
+        ec.require_norms(cache.metadata, str(old), "train", "the test")
 
 
 def test_resume_rebuilds_only_what_is_missing(source, tmp_path):

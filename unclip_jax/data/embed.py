@@ -22,11 +22,28 @@ from unclip_jax import parallel, paths
 from unclip_jax.data import embedding_cache
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import tfds_builders
+from unclip_jax.models.clip import l2_normalize
+from unclip_jax.models.layers import text_mask
 from unclip_jax.stages import load
 from unclip_jax.stages.clip import ClipStage
 from unclip_jax.train import checkpointing
 
 DEFAULT_SPLITS = ("train", "validation", "heldout")
+KARLO_CLIP_HINT = ("for an imported Karlo, import the full CLIP it was trained with: convert_karlo.py "
+                   "--clip_dir <local copy of openai/clip-vit-large-patch14>")
+
+
+class NoImageTowerError(ValueError):
+    """The CLIP is a text encoder alone (e.g. Karlo's text_encoder/) where image embeddings are needed."""
+
+
+def require_image_tower(clip_workdir: str, clip_config, why: str) -> None:
+    """Raises NoImageTowerError unless the CLIP of `clip_workdir` (its stored config) has an image
+    tower; `why` says what needs it."""
+    if int(clip_config.model.get("vision_depth", 1)) <= 0:
+        raise NoImageTowerError(
+            f"{clip_workdir} holds a CLIP text encoder alone (no image tower), but {why} needs image "
+            f"embeddings z_i: import a CLIP with both towers ({KARLO_CLIP_HINT})")
 
 
 class PreprocessedSource:
@@ -66,8 +83,10 @@ def make_encode_fn(trained: load.Loaded, *, text_hidden_dtype: str = "float16"):
     """The cache's `encode_fn` for a trained CLIP; returns `(encode_fn, mesh)`.
 
     `encode_fn(images uint8 [B, H, W, 3], captions list[str])` -> numpy dict: `z_i`, `z_t`
-    float32 [B, D] (unit norm), `text_hidden` [B, L, W] (`text_hidden_dtype`; the text tower's
-    final LayerNormed states) and `tokens` int32 [B, L]. Images are normalised exactly as in
+    float32 [B, D] (unit norm), `z_i_norm`, `z_t_norm` float32 [B] (the norms of the projections
+    as they are: z times its norm is `encode_image` / `encode_text(normalize=False)`),
+    `text_hidden` [B, L, W] (`text_hidden_dtype`; the text tower's final LayerNormed states) and
+    `tokens` int32 [B, L]. Images are normalised exactly as in
     training (`ClipStage.normalize`: the CLIP's own mean and std). B must be a multiple of the
     mesh's data-parallel size.
     """
@@ -81,9 +100,11 @@ def make_encode_fn(trained: load.Loaded, *, text_hidden_dtype: str = "float16"):
 
     def encode(params, images, tokens):
         variables = {"params": params}
-        z_i = model.apply(variables, task.normalize(images), method=model.encode_image)
-        z_t, hidden = model.apply(variables, tokens, return_hidden=True, method=model.encode_text)
-        return z_i, z_t, hidden.astype(hidden_dtype)
+        z_i = model.apply(variables, task.normalize(images), normalize=False, method=model.encode_image)
+        z_t, hidden = model.apply(variables, tokens, return_hidden=True, normalize=False,
+                                  method=model.encode_text)
+        norms = [jnp.sqrt(jnp.sum(jnp.square(z), -1)) for z in (z_i, z_t)]
+        return l2_normalize(z_i), l2_normalize(z_t), *norms, hidden.astype(hidden_dtype)
 
     encode = jax.jit(encode, out_shardings=NamedSharding(mesh, P()))
     batch_sharding = parallel.batch_sharding(mesh)
@@ -91,12 +112,27 @@ def make_encode_fn(trained: load.Loaded, *, text_hidden_dtype: str = "float16"):
     def encode_fn(images: np.ndarray, captions: Sequence[str]) -> dict[str, np.ndarray]:
         tokens = tokenizer(list(captions))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            z_i, z_t, hidden = encode(params, jax.device_put(np.asarray(images, np.uint8), batch_sharding),
-                                      jax.device_put(tokens, batch_sharding))
-        return {"z_i": np.asarray(z_i), "z_t": np.asarray(z_t), "text_hidden": np.asarray(hidden),
-                "tokens": tokens}
+            z_i, z_t, z_i_norm, z_t_norm, hidden = encode(
+                params, jax.device_put(np.asarray(images, np.uint8), batch_sharding),
+                jax.device_put(tokens, batch_sharding))
+        return {"z_i": np.asarray(z_i), "z_t": np.asarray(z_t), "z_i_norm": np.asarray(z_i_norm),
+                "z_t_norm": np.asarray(z_t_norm), "text_hidden": np.asarray(hidden), "tokens": tokens}
 
     return encode_fn, mesh
+
+
+def encode_captions(trained: load.Loaded, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What an imported Karlo stage takes of captions, through a loaded CLIP: (z_t [N, D], the
+    projection as it is; hidden states float32 [N, L, W], after the final LayerNorm; the
+    tokenizer's attention mask bool [N, L], True up to and including the end-of-text token).
+    The same encodings `pipeline.UnCLIPPipeline` gives Karlo stages at sampling."""
+    model, tokenizer = trained.stage.model, trained.stage.tokenizer
+    tokens = tokenizer(list(captions))
+    with jax.set_mesh(trained.mesh), nn.logical_axis_rules(trained.rules):
+        z_t, hidden = jax.jit(lambda p, t: model.apply({"params": p}, t, return_hidden=True, normalize=False,
+                                                       method=model.encode_text))(trained.params, tokens)
+    mask = text_mask(jnp.asarray(tokens), int(trained.stage.sizes["eot_token_id"]))
+    return np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), np.asarray(mask, bool)
 
 
 def describe_source(data, split: str, source) -> str:
@@ -134,6 +170,8 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
     if stored is not None and stored.get("stage") != "clip":
         raise ValueError(f"{clip_workdir} trained stage {stored.get('stage')!r}, not 'clip': "
                          "pass a CLIP workdir as clip_workdir")
+    if stored is not None:
+        require_image_tower(clip_workdir, stored, "the embedding cache")
     trained = load.load_stage(clip_workdir, step=step)
     encode_fn, mesh = make_encode_fn(trained, text_hidden_dtype=text_hidden_dtype)
     dp = parallel.data_parallel_size(mesh)
@@ -164,7 +202,7 @@ def build_clip_cache(clip_workdir: str, cache_dir: str, splits: Sequence[str] = 
             chunk_size=chunk_size, batch_size=batch_size, metadata=metadata,
             process_index=jax.process_index(), process_count=jax.process_count(),
             image_size=int(config.model.image_size),
-            text_hidden_dtype=text_hidden_dtype, num_threads=int(config.data.num_threads),
+            text_hidden_dtype=text_hidden_dtype, norms=True, num_threads=int(config.data.num_threads),
             progress=progress and jax.process_index() == 0)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -216,6 +254,7 @@ def cached_clip(config) -> CachedClip:
         raise FileNotFoundError(
             f"config.clip_workdir={clip_workdir} holds no trained CLIP (no config.json): train one "
             "with python train.py --config configs/shapes.py:clip --workdir <dir>")
+    require_image_tower(clip_workdir, clip_config, f"training the {config.stage} on its embedding cache")
     cache_dir = (paths.resolve(config.cache_dir) if config.cache_dir
                  else os.path.join(clip_workdir, "cache"))
     return CachedClip(clip_workdir, clip_config, load.read_record(clip_workdir)["sizes"], cache_dir,

@@ -17,6 +17,8 @@ Each record is a `flax.serialization.msgpack_serialize`d dict:
     z_t          float32 [D]     unit-norm CLIP text embedding
     text_hidden  float16|float32 [L, W]  final (LayerNormed) hidden states of the text tower
     tokens       int32 [L]       the caption's CLIP tokens
+    z_i_norm     float32 []      L2 norm of the unnormalised image projection (format 2, `norms`)
+    z_t_norm     float32 []      L2 norm of the unnormalised text projection (format 2, `norms`)
     caption      str
     index        int             the example's index in the source
     valid        bool            False for an example that could not be read or decoded
@@ -26,6 +28,11 @@ never fatal: its record holds only `index`, `valid=False` and `error`, so record
 The chunk index files list them, so a reader learns which examples are missing without reading
 the records. `CacheSource` exposes only the valid examples by default (`valid_only=False` gives
 every index, with `valid` set and zeros in place of the missing arrays).
+
+**Formats.** Format 2 added the norms (`build_cache(norms=True)`, which `embed.py` uses; the
+metadata says `"norms": true`): unit z times its norm is the CLIP's projection as it is, what an
+imported Karlo decoder is conditioned on. A format-1 cache (no norms) still reads, for every
+stage that takes the unit embeddings; `require_norms` refuses it, with the command to rebuild it.
 
 **Crash safety and resuming.** A chunk and its index are written to `.tmp` names and renamed when
 complete (the index first, the chunk last: a chunk file under its final name is complete). A
@@ -54,15 +61,16 @@ from flax import serialization
 from unclip_jax import parallel
 from unclip_jax.data import input_pipeline
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional norms (z_i_norm, z_t_norm); format 1 caches read as norms=False.
 DEFAULT_CHUNK_SIZE = 1024
 METADATA_FILENAME = "metadata.json"
 # What a build must say about the encoder: D, L and W of the records.
 REQUIRED_METADATA = ("embed_dim", "context_length", "text_width")
 TEXT_HIDDEN_DTYPES = ("float16", "float32")
 ARRAY_FIELDS = ("z_i", "z_t", "text_hidden", "tokens")
+NORM_FIELDS = ("z_i_norm", "z_t_norm")  # With `norms` (format 2).
 _RESERVED = ("format_version", "split", "num_examples", "chunk_size", "text_hidden_dtype",
-             "created")
+             "norms", "created")
 # One record per group: random access reads one record, not a whole group.
 _WRITER_OPTIONS = "group_size:1"
 
@@ -193,14 +201,16 @@ def _load_example(source, index: int, image_size: int | None):
 
 
 def _check_outputs(out: Mapping[str, Any], n: int, metadata: Mapping[str, Any]) -> dict:
-    missing = [k for k in ARRAY_FIELDS if k not in out]
+    fields = ARRAY_FIELDS + (NORM_FIELDS if metadata.get("norms") else ())
+    missing = [k for k in fields if k not in out]
     if missing:
-        raise ValueError(f"encode_fn must return {list(ARRAY_FIELDS)}; {missing} missing")
+        raise ValueError(f"encode_fn must return {list(fields)}; {missing} missing")
     d, length, width = (int(metadata[k]) for k in REQUIRED_METADATA)
     expected = {"z_i": (n, d), "z_t": (n, d), "text_hidden": (n, length, width),
-                "tokens": (n, length)}
-    out = {k: np.asarray(out[k]) for k in ARRAY_FIELDS}
-    for k, shape in expected.items():
+                "tokens": (n, length), "z_i_norm": (n,), "z_t_norm": (n,)}
+    out = {k: np.asarray(out[k]) for k in fields}
+    for k in fields:
+        shape = expected[k]
         if out[k].shape != shape:
             raise ValueError(
                 f"encode_fn returned {k} of shape {out[k].shape}; expected {shape} (batch {n}, "
@@ -240,6 +250,7 @@ def _write_chunk(source, encode_fn: EncodeFn, split_dir: str, chunk: int, start:
                 "z_t": out["z_t"][row].astype(np.float32),
                 "text_hidden": out["text_hidden"][row].astype(text_hidden_dtype),
                 "tokens": out["tokens"][row].astype(np.int32),
+                **{k: np.float32(out[k][row]) for k in NORM_FIELDS if k in out},
             })
         pending.clear()
 
@@ -276,7 +287,7 @@ def build_cache(source, encode_fn: EncodeFn, cache_dir: str, split: str, *,
                 num_examples: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
                 batch_size: int = 256, metadata: Mapping[str, Any],
                 process_index: int = 0, process_count: int = 1, image_size: int | None = None,
-                text_hidden_dtype: str = "float16", num_threads: int = 4,
+                text_hidden_dtype: str = "float16", norms: bool = False, num_threads: int = 4,
                 progress: bool = False) -> BuildSummary:
     """Encodes the first `num_examples` of `source` into `<cache_dir>/<split>/` (resumable).
 
@@ -296,6 +307,8 @@ def build_cache(source, encode_fn: EncodeFn, cache_dir: str, split: str, *,
       process_index, process_count: this process writes chunks `process_index::process_count`.
       image_size: resize (shorter side) and centre-crop images to this side; None keeps them.
       text_hidden_dtype: "float16" (half the disk) or "float32".
+      norms: encode_fn also returns `z_i_norm` and `z_t_norm` [B] (the norms of the unnormalised
+        projections), stored per record (see the module docstring).
       num_threads: threads reading and decoding examples.
       progress: show a tqdm bar.
 
@@ -327,7 +340,8 @@ def build_cache(source, encode_fn: EncodeFn, cache_dir: str, split: str, *,
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved (build_cache sets them)")
     wanted = {"format_version": FORMAT_VERSION, "split": split, "num_examples": num_examples,
-              "chunk_size": chunk_size, "text_hidden_dtype": text_hidden_dtype, **metadata}
+              "chunk_size": chunk_size, "text_hidden_dtype": text_hidden_dtype, "norms": bool(norms),
+              **metadata}
     try:
         wanted = json.loads(json.dumps(wanted))  # Tuples -> lists, as they read back.
     except TypeError as e:
@@ -385,7 +399,8 @@ class CacheSource:
 
     `source[i]` is a dict with `z_i` float32 [D], `z_t` float32 [D], `text_hidden` [L, W] (the
     stored dtype, see `metadata["text_hidden_dtype"]`), `tokens` int32 [L], `caption` str,
-    `index` int (the example's index in the data source) and `valid` bool.
+    `index` int (the example's index in the data source) and `valid` bool; with `norms` (a
+    format-2 cache built with them) also `z_i_norm` and `z_t_norm` float32 scalars.
 
     With `valid_only=True` (default) only the valid examples are exposed: `len` counts them and
     `i` runs over them in source order. With `valid_only=False`, `source[i]` is example i of the
@@ -417,9 +432,12 @@ class CacheSource:
         self._valid_indices = np.flatnonzero(self.valid_mask)
         d, length, width = (int(self.metadata[k]) for k in REQUIRED_METADATA)
         hidden_dtype = np.dtype(self.metadata["text_hidden_dtype"])
+        self.norms = bool(self.metadata.get("norms", False))  # Format 1: never.
+        self._fields = ARRAY_FIELDS + (NORM_FIELDS if self.norms else ())
         self._zeros = {"z_i": np.zeros(d, np.float32), "z_t": np.zeros(d, np.float32),
                        "text_hidden": np.zeros((length, width), hidden_dtype),
                        "tokens": np.zeros(length, np.int32)}
+        self._zeros.update({k: np.zeros((), np.float32) for k in self._fields if k in NORM_FIELDS})
         self._records = None
         self._open()
 
@@ -458,7 +476,7 @@ class CacheSource:
         if not record["valid"]:
             return {**{k: v.copy() for k, v in self._zeros.items()}, "caption": "",
                     "index": int(record["index"]), "valid": False}
-        out = {k: np.array(record[k]) for k in ARRAY_FIELDS}  # Writable copies.
+        out = {k: np.array(record[k]) for k in self._fields}  # Writable copies.
         out.update(caption=record["caption"], index=int(record["index"]), valid=True)
         return out
 
@@ -471,6 +489,18 @@ class CacheSource:
     def __repr__(self) -> str:
         return (f"CacheSource({self._dir!r}, {len(self)} examples"
                 f"{', valid only' if self.valid_only else ''})")
+
+
+def require_norms(metadata: Mapping[str, Any], cache_dir: str, split: str, why: str) -> None:
+    """Raises ValueError (with the command that rebuilds the cache) unless the cache of `split`
+    (its `metadata`) stores the norms of the embeddings; `why` says what needs them."""
+    if not metadata.get("norms", False):
+        raise ValueError(
+            f"the embedding cache in {os.path.join(os.fspath(cache_dir), split)} (format "
+            f"{metadata.get('format_version', 1)}) stores unit embeddings without their norms, "
+            f"which {why} needs: rebuild it into a new directory with "
+            f"{_build_hint('<new cache_dir>', split, metadata.get('clip_workdir'))} and set "
+            "config.cache_dir to it")
 
 
 def summarize(cache_dir: str, split: str) -> dict[str, Any]:

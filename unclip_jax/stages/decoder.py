@@ -24,8 +24,13 @@ x_T=None, step_noise=None) -> x_0 float32 [B, side, side, 3] in [-1, 1]`:
 - `sampler="ddim"` (not Karlo's; for the manipulations): DDIM at `eta` over the same respaced
   steps and guided model, `(params, z_i, <the six text arrays>, rng, x_T=None) -> x_0`; and
   `invert_body` its inversion, `(params, x_0, z_i, <the six text arrays>) -> x_T`.
-`karlo_model_fn` is the (guided) model function of this mode. Neither training (`loss`) nor the
-token-based `guided_model_fn` / `decode` are supported in this mode.
+`karlo_model_fn` is the (guided) model function of this mode; `karlo_decode` samples host arrays
+in batches. Training (`loss`, fine-tuning the imported decoder) takes a batch of uint8 `image`
+and the four encodings above of its captions, and `empty_caption`, the empty caption's three
+(`karlo_conditioning`): the hybrid loss on Karlo's schedule (eps, learned range), z_i replaced by
+the learned guidance embedding with `diffusion.z_i_drop_prob` and the caption by the empty one with
+`diffusion.text_drop_prob`, so that training drops exactly what guidance's unconditional half
+drops. The token-based `guided_model_fn` / `decode` are not supported in this mode.
 """
 from __future__ import annotations
 
@@ -109,20 +114,50 @@ class DecoderStage:
         return self.model.init(rng, jnp.zeros((b, s, s, 3)), jnp.zeros((b,), jnp.int32),
                                **self._conditioning(batch, no, no))["params"]
 
-    def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array):
-        """The diffusion loss of a batch of uint8 `image`, `z_i` and caption `tokens`."""
-        self._refuse_karlo("training (loss)")
+    def loss(self, params, batch: Mapping[str, jax.Array], rng: jax.Array, empty_caption=None):
+        """The diffusion loss of a batch of uint8 `image`, `z_i` and caption `tokens`.
+
+        Karlo mode: `z_i`, `z_t`, `text_hidden`, `text_mask` in place of the tokens, and
+        `empty_caption` = (z_t [1, D], hidden [1, L, W], mask [1, L]) of "" (module docstring).
+        """
         diff = self.config.diffusion
         noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = pixels.to_model_range(batch["image"])
         x_t, t, noise = diff_lib.noised(self.schedule, x0, noise_rng, self.config.diffusion)
         b = x0.shape[0]
-        out = self.model.apply(
-            {"params": params}, x_t, t,
-            **self._conditioning(batch, jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,)),
-                                 jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,))),
-            train=bool(self.config.model.dropout), rngs={"dropout": dropout_rng})
+        drop_z_i = jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,))
+        drop_text = jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,))
+        if self.karlo:
+            if empty_caption is None:
+                raise ValueError("Karlo-mode training needs the empty caption's encodings (empty_caption)")
+            cond = self.karlo_conditioning(batch, drop_z_i, drop_text, empty_caption)
+            # Karlo's loss settings (eps, learned range) whatever the stored block spells out.
+            karlo = diff_lib.karlo_sampling("decoder", diff)
+            diff = ml_collections.ConfigDict({**diff.to_dict(), "param": karlo.param,
+                                              "learned_variance": karlo.learned_variance})
+        else:
+            cond = self._conditioning(batch, drop_z_i, drop_text)
+        out = self.model.apply({"params": params}, x_t, t, **cond,
+                               train=bool(self.config.model.get("dropout", 0.0)), rngs={"dropout": dropout_rng})
         return diff_lib.diffusion_loss(diff, self.schedule, out, x0, x_t, t, noise)
+
+    def karlo_conditioning(self, batch: Mapping[str, jax.Array], drop_z_i: jax.Array, drop_text: jax.Array,
+                           empty_caption) -> dict[str, jax.Array]:
+        """Karlo mode's training conditioning: the UNet kwargs of a batch (`z_i`, `z_t`,
+        `text_hidden`, `text_mask`) with z_i replaced by the learned guidance embedding where
+        `drop_z_i` [B] and the caption by `empty_caption` (z_t [1, D], hidden [1, L, W], mask
+        [1, L]) where `drop_text` [B]: a kept row is what `karlo_model_fn`'s conditional half
+        sees, a row with both dropped what its unconditional half sees."""
+        names = ("z_t", "text_hidden", "text_mask")
+        dtypes = (jnp.float32, jnp.float32, bool)
+        text = {}
+        for name, empty, dtype in zip(names, empty_caption, dtypes):
+            value = jnp.asarray(batch[name], dtype)
+            empty = jnp.broadcast_to(jnp.asarray(empty, dtype), value.shape)
+            drop = drop_text.astype(bool).reshape((-1,) + (1,) * (value.ndim - 1))
+            text[name] = jnp.where(drop, empty, value)
+        return self._conditioning({"z_i": jnp.asarray(batch["z_i"], jnp.float32), **text},
+                                  drop_z_i.astype(bool))
 
     # ------------------------------------------------------------------ sampling
     def schedule_for(self, steps) -> Any:
@@ -213,6 +248,21 @@ class DecoderStage:
         drop = jnp.concatenate([jnp.zeros((b,), bool), jnp.ones((b,), bool)])
         return samplers.guided(lambda x, t: apply(x, t, two, drop), guidance_scale,
                                learned_variance=bool(self.model.learned_variance))
+
+    def karlo_decode(self, params, mesh: Mesh, z_i: np.ndarray, text, empty_caption, rng: jax.Array, *,
+                     batch_size: int = 64, guidance_scale: float | None = None) -> np.ndarray:
+        """Karlo mode: decodes z_i [N, D] with its captions' `text` (z_t [N, D], hidden [N, L, W],
+        mask [N, L]) and the empty caption's three (batch 1) to uint8 images [N, side, side, 3]
+        with Karlo's sampler (`sample_body`; the config's guidance scale unless given)."""
+        scale = float(self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale)
+        fn = self._jitted(mesh, ("karlo_sample", scale), lambda: self.sample_body(guidance_scale=scale))
+        n = len(z_i)
+        inputs = [np.asarray(z_i, np.float32), np.asarray(text[0], np.float32), np.asarray(text[1], np.float32),
+                  np.asarray(text[2], bool),
+                  *[np.repeat(np.asarray(u, dt), n, axis=0) for u, dt in zip(empty_caption, (np.float32, np.float32, bool))]]
+        images = parallel.map_batches(lambda i, *x: fn(params, *x, jax.random.fold_in(rng, i)), inputs, mesh,
+                                      batch_size)
+        return np.asarray(pixels.to_uint8(images))
 
     def _karlo_sample_body(self, *, guidance_scale: float, steps=None, ddim_eta: float | None = None):
         """Karlo mode's sampler (see the module docstring); DDIM at `ddim_eta` unless None."""

@@ -14,6 +14,14 @@ The CLIP metrics read the features of `eval.clip_workdir`, or of the stage's own
 (`clip_workdir`) when it is empty. Its params are loaded at the first evaluation, and the real
 images' features and the captions' of each split are computed once per run, not at every
 evaluation (they do not change while the decoder trains).
+
+Karlo mode (fine-tuning an imported Karlo decoder, `configs/karlo.py:decoder`): the batches carry
+what Karlo's decoder is conditioned on, from the cache: the unnormalised z_i and z_t (unit
+embedding times its stored norm: the cache must be format 2 with norms), the text hidden states
+(float32) and the tokenizer's attention mask (derived from the tokens) in place of the tokens. The
+empty caption's encodings (what the dropped captions become) are computed once, here, with the CLIP
+of `clip_workdir`, which must have its image tower (the cache's z_i come from it). Evaluation
+decodes with Karlo's sampler (guided with the empty caption, as sampling does).
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ from unclip_jax.data import tfds_builders
 from unclip_jax.evaluation import features as features_lib
 from unclip_jax.evaluation import frechet
 from unclip_jax.evaluation import shapes_judge
+from unclip_jax.stages import load
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.tasks.base import Task
 from unclip_jax.train import checkpointing
@@ -53,11 +62,19 @@ def eval_metrics(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return names
 
 
-class CachedImageSource:
-    """Random-access pairs of (image at `side` px, cached z_i and tokens): record i of the cache."""
+KARLO_FIELDS = ("z_t", "text_hidden", "text_mask")  # The caption's encodings in Karlo mode.
 
-    def __init__(self, cache: embedding_cache.CacheSource, images, side: int):
+
+class CachedImageSource:
+    """Random-access pairs of (image at `side` px, cached z_i and tokens): record i of the cache.
+
+    With `karlo_eot_token_id` (Karlo mode, a cache with norms): z_i and z_t unnormalised (times
+    their norms), `text_hidden` float32 and `text_mask` (the tokenizer's attention mask) too."""
+
+    def __init__(self, cache: embedding_cache.CacheSource, images, side: int,
+                 karlo_eot_token_id: int | None = None):
         self.cache, self.images, self.side = cache, images, int(side)
+        self.karlo_eot_token_id = karlo_eot_token_id
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -65,8 +82,15 @@ class CachedImageSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.cache[i]
         image, caption = input_pipeline.decode_example(self.images[int(record["index"])], self.side)
-        return {"image": image, "z_i": np.asarray(record["z_i"], np.float32),
-                "tokens": np.asarray(record["tokens"], np.int32), "caption": caption}
+        example = {"image": image, "z_i": np.asarray(record["z_i"], np.float32),
+                   "tokens": np.asarray(record["tokens"], np.int32), "caption": caption}
+        if self.karlo_eot_token_id is not None:
+            is_eot = example["tokens"] == self.karlo_eot_token_id
+            example.update(z_i=example["z_i"] * np.float32(record["z_i_norm"]),
+                           z_t=np.asarray(record["z_t"], np.float32) * np.float32(record["z_t_norm"]),
+                           text_hidden=np.asarray(record["text_hidden"], np.float32),
+                           text_mask=np.cumsum(is_eot) - is_eot == 0)  # As models.layers.text_mask.
+        return example
 
 
 class DecoderTask(Task):
@@ -87,10 +111,28 @@ class DecoderTask(Task):
                      "vocab_size": self.clip.vocab_size, "eot_token_id": self.clip.eot_token_id}
             self.feature_clip_workdir = self._feature_clip_workdir()
         self.stage = DecoderStage(config, **sizes)
+        self.empty_caption = None  # Karlo mode: the empty caption's (z_t [1, D], hidden [1, L, W], mask [1, L]).
+        if self.stage.karlo:
+            self.empty_caption = self._karlo_empty_caption()
         self._feature_clip: features_lib.ClipFeatures | None = None
         self._references: dict[str, dict[str, Any]] = {}  # split -> real images' statistics, caption features
         self._skipped: set[str] = set()
         self._examples: dict[str, tuple] = {}  # split -> the held-out examples (`_eval_examples`)
+
+    def _karlo_empty_caption(self):
+        """The empty caption's encodings through the CLIP (zeros of their shapes without one)."""
+        if self.clip is None:
+            d, length = self.stage.clip_dim, self.stage.text_length
+            return (np.zeros((1, d), np.float32),
+                    np.zeros((1, length, self.stage.model.clip_text_width), np.float32),
+                    np.ones((1, length), bool))
+        embedding_cache.require_norms(self.clip.metadata, self.clip.cache_dir, "train",
+                                      "fine-tuning the imported Karlo decoder (it takes unnormalised z_i and z_t)")
+        return embed.encode_captions(load.load_stage(self.clip.clip_workdir), [""])
+
+    def loss_fn(self, params, batch, rng, step):
+        del step
+        return self.stage.loss(params, batch, rng, empty_caption=self.empty_caption)
 
     def _feature_clip_workdir(self) -> str | None:
         """The CLIP workdir the CLIP metrics use, checked now (not at the first evaluation)."""
@@ -118,18 +160,26 @@ class DecoderTask(Task):
         return {"sizes": dict(self.stage.sizes), "depends_on": depends}
 
     def source(self, split: str) -> CachedImageSource:
-        return CachedImageSource(embedding_cache.CacheSource(self.clip.cache_dir, split),
-                                 input_pipeline.make_source(self.clip.clip_config.data, split), self.stage.side)
+        cache = embedding_cache.CacheSource(self.clip.cache_dir, split)
+        if self.stage.karlo:
+            embedding_cache.require_norms(cache.metadata, self.clip.cache_dir, split,
+                                          "the imported Karlo decoder (unnormalised z_i and z_t)")
+        return CachedImageSource(cache, input_pipeline.make_source(self.clip.clip_config.data, split),
+                                 self.stage.side, self.stage.eot_token_id if self.stage.karlo else None)
 
     # ------------------------------------------------------------------ data
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        b, s = int(batch_size), self.stage.side
-        return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
-                "z_i": jax.ShapeDtypeStruct((b, self.stage.clip_dim), jnp.float32),
-                "tokens": jax.ShapeDtypeStruct((b, self.stage.text_length), jnp.int32)}
+        b, s, d, length = int(batch_size), self.stage.side, self.stage.clip_dim, self.stage.text_length
+        spec = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+                "z_i": jax.ShapeDtypeStruct((b, d), jnp.float32)}
+        if not self.stage.karlo:
+            return dict(spec, tokens=jax.ShapeDtypeStruct((b, length), jnp.int32))
+        return dict(spec, z_t=jax.ShapeDtypeStruct((b, d), jnp.float32),
+                    text_hidden=jax.ShapeDtypeStruct((b, length, self.stage.model.clip_text_width), jnp.float32),
+                    text_mask=jax.ShapeDtypeStruct((b, length), jnp.bool_))
 
     def map_example(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {k: example[k] for k in ("image", "z_i", "tokens")}
+        return {k: example[k] for k in ("image", "z_i", *(KARLO_FIELDS if self.stage.karlo else ("tokens",)))}
 
     def train_pipeline(self, *, local_batch_size, process_index, process_count):
         data = self.config.data
@@ -139,20 +189,27 @@ class DecoderTask(Task):
             num_threads=data.num_threads)
 
     # ------------------------------------------------------------------ evaluation
-    def decode(self, params, mesh: Mesh, z_i: np.ndarray, tokens: np.ndarray, rng: jax.Array,
+    def decode(self, params, mesh: Mesh, z_i: np.ndarray, tokens, rng: jax.Array,
                guidance_scale: float | None = None) -> np.ndarray:
-        """Decodes unit z_i [N, D] (with caption tokens [N, L]) to uint8 images [N, side, side, 3]."""
+        """Decodes unit z_i [N, D] (with caption tokens [N, L]) to uint8 images [N, side, side, 3].
+
+        Karlo mode: unnormalised z_i, and `tokens` is the captions' (z_t, text_hidden, text_mask)."""
+        if self.stage.karlo:
+            return self.stage.karlo_decode(params, mesh, z_i, tokens, self.empty_caption, rng,
+                                           batch_size=self.config.eval.batch_size, guidance_scale=guidance_scale)
         return self.stage.decode(params, mesh, z_i, tokens, rng, batch_size=self.config.eval.batch_size,
                                  guidance_scale=guidance_scale)
 
     def _eval_examples(self, split: str):
         """(z_i, tokens, captions, real images) of `split`'s first `eval.num_examples` examples,
-        read at the first evaluation and kept (they do not change while the decoder trains)."""
+        read at the first evaluation and kept (they do not change while the decoder trains).
+        Karlo mode: the tokens' place holds the captions' (z_t, text_hidden, text_mask)."""
         if split not in self._examples:
             source = self.source(split)
             items = [source[i] for i in range(min(len(source), int(self.config.eval.num_examples)))]
-            self._examples[split] = (np.stack([x["z_i"] for x in items]), np.stack([x["tokens"] for x in items]),
-                                     [x["caption"] for x in items], np.stack([x["image"] for x in items]))
+            stack = lambda name: np.stack([x[name] for x in items])  # noqa: E731
+            text = tuple(stack(k) for k in KARLO_FIELDS) if self.stage.karlo else stack("tokens")
+            self._examples[split] = (stack("z_i"), text, [x["caption"] for x in items], stack("image"))
         return self._examples[split]
 
     def evaluate(self, params, mesh: Mesh) -> dict[str, float]:
@@ -212,5 +269,6 @@ class DecoderTask(Task):
             return {}
         z_i, tokens, _, real = self._eval_examples(self.config.eval.splits[0])
         n = min(16, len(z_i))
-        decoded = self.decode(params, mesh, z_i[:n], tokens[:n], jax.random.key(1))
+        tokens = tuple(x[:n] for x in tokens) if self.stage.karlo else tokens[:n]
+        decoded = self.decode(params, mesh, z_i[:n], tokens, jax.random.key(1))
         return {"decoded_vs_real": np.concatenate([decoded, real[:n]])}

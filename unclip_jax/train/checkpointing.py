@@ -92,6 +92,35 @@ def load_config(workdir: str) -> ml_collections.ConfigDict | None:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def with_init_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the sections `train.init_sections` names (e.g. ("model", "diffusion")) taken
+    from the stored config of the workdir it warm-starts from (`train.init_from`), the fields the
+    section sets in `config` (other than None) laid over them: a fine-tuning config states what it
+    changes, not the imported model's architecture. `config` itself without `init_sections`.
+
+    Raises ValueError (no init_from, no stored config, another stage).
+    """
+    names = tuple(config.get("train", {}).get("init_sections", ()) or ())
+    if not names:
+        return config
+    source = config.train.get("init_from", "")
+    if not source:
+        raise ValueError(f"config.train.init_sections={names!r} takes those sections from the workdir "
+                         "the run starts from: set config.train.init_from to it")
+    stored = load_config(source)
+    if stored is None or stored.get("stage") != config.get("stage"):
+        what = "holds no config.json" if stored is None else f"holds a {stored.get('stage')!r} stage"
+        raise ValueError(f"config.train.init_from={source} {what}; config.train.init_sections={names!r} "
+                         f"needs a {config.get('stage')!r} workdir (trained or imported)")
+    merged = config.to_dict()
+    for name in names:
+        ours = {k: v for k, v in (merged.get(name) or {}).items() if v is not None}
+        merged[name] = {**stored.get(name, ml_collections.ConfigDict()).to_dict(), **ours}
+    result = ml_collections.ConfigDict(merged)
+    result.lock()
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Data-iterator state, through grain's per-process checkpoint handler.
 # ---------------------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, task:
       A dict with `step`, the last logged train metrics (`train/...`) and evaluation metrics.
     """
     workdir = paths.resolve(workdir)  # gs:// and other URLs are kept as they are.
+    config = checkpointing.with_init_sections(config)  # Sections inherited from train.init_from.
     paths.makedirs(workdir)
     is_main = jax.process_index() == 0
     if is_main:
