@@ -1,11 +1,13 @@
-"""Imports Kakao Brain's Karlo (a local copy of kakaobrain/karlo-v1-alpha) for sampling.
+"""Imports Kakao Brain's Karlo (a local copy of kakaobrain/karlo-v1-alpha) for sampling and fine-tuning.
 
   python convert_karlo.py --karlo_dir karlo-v1-alpha --out runs/karlo
   python sample.py --config configs/karlo.py:runs/karlo --prompt "a photo of a red apple" --output_dir samples
 
 With `--clip_dir clip-vit-large-patch14` (a local copy of the CLIP Karlo was trained with, both
 towers) the CLIP workdir gets the image tower too, and `sample.py --mode variations /
-interpolate / textdiff` run on the imported stack.
+interpolate / textdiff` run on the imported stack, and the decoder can be fine-tuned
+(`embed.py` on the CLIP workdir, then `train.py --config configs/karlo.py:decoder`; the data are
+the CLIP workdir's: `--clip_config.data.shards=...`).
 
 `--karlo_dir` is the diffusers layout (prior/, text_proj/, decoder/, super_res_first/,
 super_res_last/, text_encoder/, tokenizer/; safetensors weights only: a directory with only pickle

@@ -23,8 +23,9 @@ nothing, and an existing non-empty root is never overwritten.
   `tokenizer/`), imported by `hf_clip.write_clip_workdir` as a CLIP with no image tower, when a
   CLIP config template is given (the entry passes `configs/clip_vit_l14.py:clip`'s); or, with
   `clip_dir`, a full CLIP whose text tower is that encoder (checked tensor by tensor), so that the
-  manipulations can embed images.
-`configs/karlo.py:<root>` is the pipeline config of the root for `sample.py`.
+  manipulations can embed images and `embed.py` can cache the data for fine-tuning the decoder.
+`configs/karlo.py:<root>` is the pipeline config of the root for `sample.py`;
+`configs/karlo.py:decoder,<root>` fine-tunes its decoder with `train.py`.
 """
 from __future__ import annotations
 

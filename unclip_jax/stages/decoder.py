@@ -256,12 +256,11 @@ class DecoderStage:
         with Karlo's sampler (`sample_body`; the config's guidance scale unless given)."""
         scale = float(self.config.diffusion.guidance_scale if guidance_scale is None else guidance_scale)
         fn = self._jitted(mesh, ("karlo_sample", scale), lambda: self.sample_body(guidance_scale=scale))
-        n = len(z_i)
-        inputs = [np.asarray(z_i, np.float32), np.asarray(text[0], np.float32), np.asarray(text[1], np.float32),
-                  np.asarray(text[2], bool),
-                  *[np.repeat(np.asarray(u, dt), n, axis=0) for u, dt in zip(empty_caption, (np.float32, np.float32, bool))]]
-        images = parallel.map_batches(lambda i, *x: fn(params, *x, jax.random.fold_in(rng, i)), inputs, mesh,
-                                      batch_size)
+        dtypes = (np.float32, np.float32, bool)  # z_t, hidden, mask
+        captions = [np.asarray(x, dt) for x, dt in zip(text, dtypes)]
+        empty = [np.repeat(np.asarray(u, dt), len(z_i), axis=0) for u, dt in zip(empty_caption, dtypes)]
+        images = parallel.map_batches(lambda i, *x: fn(params, *x, jax.random.fold_in(rng, i)),
+                                      [np.asarray(z_i, np.float32), *captions, *empty], mesh, batch_size)
         return np.asarray(pixels.to_uint8(images))
 
     def _karlo_sample_body(self, *, guidance_scale: float, steps=None, ddim_eta: float | None = None):
