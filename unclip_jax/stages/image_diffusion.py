@@ -103,8 +103,8 @@ def is_karlo(diffusion: ml_collections.ConfigDict) -> bool:
     In Karlo mode a stage's `sample_body` reproduces its part of diffusers' `UnCLIPPipeline.__call__`
     (the `UnCLIPScheduler` settings of `diffusion.unclip.KARLO_STAGES`, the pipeline's guidance and
     pre/post-processing) on weights imported by `unclip_jax.convert.karlo_*`; the model block must
-    carry the converter's options (each stage checks the ones it needs). Training (`loss`) is not
-    supported in this mode.
+    carry the converter's options (each stage checks the ones it needs). Of the stages' losses only the
+    decoder's trains in this mode (fine-tuning an imported decoder: `DecoderStage.loss`).
     """
     return diffusion.get("sampler", None) == KARLO
 
