@@ -372,10 +372,13 @@ def test_karlo_mode_checks_its_config_and_entry_points(stages):
             stage.sample_body(**kwargs)
     decoder.sample_body(guidance_scale=8.0, sampler="ddim", eta=0.5)
     decoder.invert_body(guidance_scale=8.0)
-    # No training, no token-based entry points.
-    for stage in (prior, decoder, upsampler):
+    # Only the decoder trains (fine-tuning, given the empty caption's encodings); no token-based
+    # entry points.
+    for stage in (prior, upsampler):
         with pytest.raises(ValueError, match="Karlo mode"):
             stage.loss(None, {}, jax.random.key(0))
+    with pytest.raises(ValueError, match="Karlo-mode training needs the empty caption"):
+        decoder.loss(None, {}, jax.random.key(0))
     with pytest.raises(ValueError, match="Karlo mode"):
         decoder.guided_model_fn(None, None, None, 2.0)
     # The super-resolution needs both UNets' params.

@@ -120,6 +120,8 @@ class DecoderStage:
         Karlo mode: `z_i`, `z_t`, `text_hidden`, `text_mask` in place of the tokens, and
         `empty_caption` = (z_t [1, D], hidden [1, L, W], mask [1, L]) of "" (module docstring).
         """
+        if self.karlo and empty_caption is None:
+            raise ValueError("Karlo-mode training needs the empty caption's encodings (empty_caption)")
         diff = self.config.diffusion
         noise_rng, z_rng, text_rng, dropout_rng = jax.random.split(rng, 4)
         x0 = pixels.to_model_range(batch["image"])
@@ -128,8 +130,6 @@ class DecoderStage:
         drop_z_i = jax.random.bernoulli(z_rng, diff.z_i_drop_prob, (b,))
         drop_text = jax.random.bernoulli(text_rng, diff.text_drop_prob, (b,))
         if self.karlo:
-            if empty_caption is None:
-                raise ValueError("Karlo-mode training needs the empty caption's encodings (empty_caption)")
             cond = self.karlo_conditioning(batch, drop_z_i, drop_text, empty_caption)
             # Karlo's loss settings (eps, learned range) whatever the stored block spells out.
             karlo = diff_lib.karlo_sampling("decoder", diff)
