@@ -12,7 +12,7 @@ Stages, each an ordinary `train.py` workdir under `--root` (configs/shapes.py va
 other stages are shared, so one root can hold both priors.
 
 Presets: `fast` (the default; the `,fast` configs: a 30-minute budget on a 2-core CPU, measured
-~28 minutes on a Xeon with AMX, ~40 on an AMD EPYC), `full` (the configs' defaults, the README's
+~28 minutes on a Xeon with AMX, ~24 on an AMD EPYC, each alone), `full` (the configs' defaults, the README's
 quality runs: hours on a CPU, minutes on a GPU), `tiny` (the `,tiny` configs: a smoke test in a
 few minutes whose scores mean nothing). A root belongs to one preset (`<root>/stack.json` says
 which).

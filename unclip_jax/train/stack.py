@@ -27,14 +27,14 @@ PRIOR_STAGES = {"diffusion": "prior", "autoregressive": "ar_prior"}
 PRESETS = ("fast", "full", "tiny")
 NUM_CAPTIONS = {"fast": 25, "full": 50, "tiny": 2}
 
-# Reference wall-clock seconds of each step of a run from scratch, per preset: one recent `fast`
-# run on a 2-core AMD EPYC (39.8 minutes; a 2-core Xeon with AMX took 27.8). A reference to scale
+# Reference wall-clock seconds of each step of a run from scratch, per preset: a `fast` run alone
+# on a 2-core AMD EPYC (23.8 minutes; a 2-core Xeon with AMX took 27.8). A reference to scale
 # by this machine's measured speed, not a promise of any machine's time. `full` (hours on a CPU,
 # minutes on a GPU: too machine-dependent for one table) and `tiny` (a few minutes) have none:
 # their progress lines show no projection, and a budget given to them is checked against the
 # elapsed seconds alone.
 REFERENCE_SECONDS = {
-    "fast": {"clip": 388, "embed": 61, "prior": 155, "decoder": 1347, "upsampler": 337, "judge": 97},
+    "fast": {"clip": 218, "embed": 34, "prior": 70, "decoder": 828, "upsampler": 224, "judge": 56},
     "full": None,
     "tiny": None,
 }
