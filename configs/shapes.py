@@ -300,6 +300,8 @@ def decoder_config() -> ml_collections.ConfigDict:
     # v-prediction with plain MSE on v: Min-SNR-5 would all but ignore the high noise levels where
     # the layout is decided.
     c.diffusion.param, c.diffusion.min_snr_gamma = "v", 0.0
+    # Uniform noise levels on the unshifted cosine schedule: EDM's log-normal levels
+    # (t_sampling="lognormal") and log-SNR shifts of +-1.39 learned shapes no faster (docs/results.md).
     c.diffusion.z_i_drop_prob = 0.1  # z_i replaced by its learned null (paper §2.1: 10%; §5.1 says 5%).
     c.diffusion.text_drop_prob = 0.5  # Caption dropped (paper: 50%).
     # What guidance's unconditional half drops: "all" (z_i and caption, the paper) | "z_i" (keeps
