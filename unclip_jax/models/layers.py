@@ -279,9 +279,10 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 
 
 def text_mask(tokens: Array, eot_token_id: int) -> Array:
-    """True for a caption's tokens up to and including its first end-of-text token: bool [B, L]."""
+    """True for a caption's tokens up to and including its first end-of-text token: bool [B, L]
+    (or [L]). A numpy array in gives a numpy array out (data loaders call it off the device)."""
     is_eot = tokens == eot_token_id
-    seen_before = jnp.cumsum(is_eot, axis=-1) - is_eot
+    seen_before = is_eot.cumsum(axis=-1) - is_eot
     return seen_before == 0
 
 

@@ -42,6 +42,7 @@ from unclip_jax.data import tfds_builders
 from unclip_jax.evaluation import features as features_lib
 from unclip_jax.evaluation import frechet
 from unclip_jax.evaluation import shapes_judge
+from unclip_jax.models.layers import text_mask
 from unclip_jax.stages import load
 from unclip_jax.stages.decoder import DecoderStage
 from unclip_jax.tasks.base import Task
@@ -85,11 +86,10 @@ class CachedImageSource:
         example = {"image": image, "z_i": np.asarray(record["z_i"], np.float32),
                    "tokens": np.asarray(record["tokens"], np.int32), "caption": caption}
         if self.karlo_eot_token_id is not None:
-            is_eot = example["tokens"] == self.karlo_eot_token_id
             example.update(z_i=example["z_i"] * np.float32(record["z_i_norm"]),
                            z_t=np.asarray(record["z_t"], np.float32) * np.float32(record["z_t_norm"]),
                            text_hidden=np.asarray(record["text_hidden"], np.float32),
-                           text_mask=np.cumsum(is_eot) - is_eot == 0)  # As models.layers.text_mask.
+                           text_mask=text_mask(example["tokens"], self.karlo_eot_token_id))
         return example
 
 
