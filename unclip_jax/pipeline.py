@@ -492,31 +492,16 @@ class UnCLIPPipeline:
 
     def encode_text(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """tokens int32 [N, L] -> (unit z_t [N, D], CLIP text hidden states float32 [N, L, W]);
-        with Karlo stages z_t is the projected text embedding as it is (not normalised).
+        with Karlo stages z_t is the projected text embedding as it is (not normalised)."""
+        return self._encode_captions(tokens)[:2]
 
-        (The two outputs travel through `map_batches` as one [N, D + L * W] array.)"""
-        if ("clip_text",) not in self._programs:
-            model = self.clip.stage.model
+    def _encode_captions(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`ClipStage.encode_captions` of this pipeline's CLIP: (z_t, hidden states, mask)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
             # Karlo's stages take the projected text embedding as it is (not unit-normalised).
-            normalize = not self.karlo
-
-            def encode(params, tokens):
-                return model.apply({"params": params}, tokens, return_hidden=True, normalize=normalize,
-                                   method=model.encode_text)
-
-            jitted = jax.jit(encode, out_shardings=NamedSharding(self.mesh, P()))
-
-            def run(params, tokens):
-                with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.clip.rules):
-                    z_t, hidden = jitted(params, tokens)
-                return np.concatenate([np.asarray(z_t), np.asarray(hidden).reshape(len(z_t), -1)], 1)
-
-            self._programs[("clip_text",)] = run
-        run = self._programs[("clip_text",)]
-        out = parallel.map_batches(lambda _, t: run(self.clip.params, t), [np.asarray(tokens, np.int32)],
-                                   self.mesh, self.batch_size)
-        d = int(self.clip.stage.model.embed_dim)
-        return out[:, :d], out[:, d:].reshape(len(out), tokens.shape[1], -1)
+            return self.clip.stage.encode_captions(self.clip.params, self.mesh, tokens,
+                                                   batch_size=self.batch_size,
+                                                   normalize=not self.karlo)
 
     def encode_image(self, images: np.ndarray) -> np.ndarray:
         """uint8 images [N, H, W, 3] (any size; resized to the CLIP's) -> unit z_i [N, D]; with
@@ -604,22 +589,16 @@ class UnCLIPPipeline:
     def _uncond_text(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The empty caption's (z_t [1, D], hidden [1, L, W], mask [1, L]): Karlo's guidance input."""
         if not hasattr(self, "_uncond"):
-            tokens = self.tokenize([""])
-            z_t, hidden = self.encode_text(tokens)
-            self._uncond = (z_t, hidden, self._text_mask(tokens))
+            self._uncond = self._encode_captions(self.tokenize([""]))
         return self._uncond
-
-    def _text_mask(self, tokens: np.ndarray) -> np.ndarray:
-        """The tokenizer's attention mask: True up to and including the first end-of-text token."""
-        return np.asarray(text_mask(np.asarray(tokens), int(self.clip.stage.sizes["eot_token_id"])))
 
     def _karlo_text(self, z_t: np.ndarray, hidden: np.ndarray, tokens: np.ndarray) -> list[np.ndarray]:
         """Per-row inputs of a Karlo stage: the caption's z_t, hidden states, mask, then the empty
         caption's three (repeated on every row)."""
         n = len(z_t)
         uncond = [np.repeat(u, n, axis=0) for u in self._uncond_text()]
-        return [np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), self._text_mask(tokens),
-                *[np.asarray(u, np.float32) if u.dtype != bool else u for u in uncond]]
+        mask = text_mask(np.asarray(tokens), self.clip.stage.sizes["eot_token_id"])
+        return [np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), mask, *uncond]
 
     def _karlo_captions(self, tokens: np.ndarray | None, n: int) -> list[np.ndarray]:
         """`_karlo_text` of N rows' caption tokens, encoded here (None: the empty caption on every

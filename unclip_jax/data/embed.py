@@ -23,7 +23,6 @@ from unclip_jax.data import embedding_cache
 from unclip_jax.data import input_pipeline
 from unclip_jax.data import tfds_builders
 from unclip_jax.models.clip import l2_normalize
-from unclip_jax.models.layers import text_mask
 from unclip_jax.stages import load
 from unclip_jax.stages.clip import ClipStage
 from unclip_jax.train import checkpointing
@@ -126,13 +125,10 @@ def encode_captions(trained: load.Loaded, captions: Sequence[str]) -> tuple[np.n
     projection as it is; hidden states float32 [N, L, W], after the final LayerNorm; the
     tokenizer's attention mask bool [N, L], True up to and including the end-of-text token).
     The same encodings `pipeline.UnCLIPPipeline` gives Karlo stages at sampling."""
-    model, tokenizer = trained.stage.model, trained.stage.tokenizer
-    tokens = tokenizer(list(captions))
+    stage = trained.stage
     with jax.set_mesh(trained.mesh), nn.logical_axis_rules(trained.rules):
-        z_t, hidden = jax.jit(lambda p, t: model.apply({"params": p}, t, return_hidden=True, normalize=False,
-                                                       method=model.encode_text))(trained.params, tokens)
-    mask = text_mask(jnp.asarray(tokens), int(trained.stage.sizes["eot_token_id"]))
-    return np.asarray(z_t, np.float32), np.asarray(hidden, np.float32), np.asarray(mask, bool)
+        return stage.encode_captions(trained.params, trained.mesh, stage.tokenizer(list(captions)),
+                                     normalize=False)
 
 
 def describe_source(data, split: str, source) -> str:

@@ -14,6 +14,7 @@ from unclip_jax import parallel
 from unclip_jax.data import images as image_lib
 from unclip_jax.data import input_pipeline
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.models.layers import text_mask
 
 
 def normalize(images: jax.Array, mean=input_pipeline.CLIP_MEAN, std=input_pipeline.CLIP_STD) -> jax.Array:
@@ -132,3 +133,25 @@ class ClipStage:
                                                      method=model.encode_text)
         fn = self._jitted(mesh, (kind, normalize), build)
         return parallel.map_batches(lambda _, chunk: fn(params, chunk), [x], mesh, batch_size)
+
+    def encode_captions(self, params, mesh: Mesh, tokens: np.ndarray, *, batch_size: int = 64,
+                        normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """int32 caption tokens [N, L] -> (z_t float32 [N, D], unit unless `normalize=False`; the
+        text tower's hidden states float32 [N, L, W] after its final LayerNorm; the attention mask
+        bool [N, L], True up to and including the end-of-text token), batched over the mesh.
+        What GLIDE-style and Karlo stages condition on besides the pooled embedding."""
+        model, tokens = self.model, np.asarray(tokens, np.int32)
+
+        def build():
+            def encode(p, x):  # one output array, so that map_batches can gather it
+                z_t, hidden = model.apply({"params": p}, x, return_hidden=True, normalize=normalize,
+                                          method=model.encode_text)
+                return jnp.concatenate([z_t.astype(jnp.float32),
+                                        hidden.astype(jnp.float32).reshape(x.shape[0], -1)], axis=1)
+            return encode
+
+        fn = self._jitted(mesh, ("text_hidden", normalize), build)
+        out = parallel.map_batches(lambda _, chunk: fn(params, chunk), [tokens], mesh, batch_size)
+        d = int(model.embed_dim)
+        mask = np.asarray(text_mask(tokens, self.sizes["eot_token_id"]), bool)
+        return out[:, :d], out[:, d:].reshape(len(out), tokens.shape[1], -1), mask
