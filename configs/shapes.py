@@ -257,6 +257,7 @@ def unet_config(*, base: int, mult: tuple, res_blocks: int, attention: tuple,
     """The ADM UNet block (unclip_jax/models/unet.py field names)."""
     m = ml_collections.ConfigDict()
     m.image_size = image_size  # Training resolution in pixels (attention resolutions refer to it).
+    m.patch_size = 1  # Fold p x p pixel blocks into channels: every level at 1/p of the side.
     m.base_channels = base  # Channels at the first level (ADM model_channels).
     m.channel_mult = mult  # Channel multiplier per level.
     m.num_res_blocks = res_blocks  # Residual blocks per level.

@@ -17,8 +17,8 @@ from tests import numerics
 from tests.models.param_checks import assert_every_param_named
 from unclip_jax import parallel
 from unclip_jax.models.layers import count_params
-from unclip_jax.models.unet import (GroupNorm, UNet, coordinate_channels, downsample_avg, norm_groups,
-                                   unet_from_config, upsample_nearest)
+from unclip_jax.models.unet import (GroupNorm, UNet, coordinate_channels, depth_to_space, downsample_avg,
+                                   norm_groups, space_to_depth, unet_from_config, upsample_nearest)
 
 B, D, VOCAB, L = 4, 8, 50, 6
 DECODER = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
@@ -289,6 +289,39 @@ def test_clip_spatial_map_conditions_through_the_bottleneck():
     assert float(jnp.abs(apply(params, -cond["z_i"]) - base).max()) > 1e-3
     p["clip_spatial_proj"] = jax.tree.map(jnp.zeros_like, p["clip_spatial_proj"])
     np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
+
+
+def test_space_to_depth_folds_pixel_blocks_and_depth_to_space_undoes_it():
+    x = np.random.default_rng(0).normal(size=(2, 6, 4, 3)).astype(np.float32)
+    folded = np.asarray(space_to_depth(jnp.asarray(x), 2))
+    assert folded.shape == (2, 3, 2, 12)
+    for i, j, di, dj in [(0, 0, 0, 0), (1, 1, 1, 0), (2, 0, 1, 1), (0, 1, 0, 1)]:
+        np.testing.assert_array_equal(folded[:, i, j, (2 * di + dj) * 3:(2 * di + dj + 1) * 3],
+                                      x[:, 2 * i + di, 2 * j + dj])
+    np.testing.assert_array_equal(np.asarray(depth_to_space(jnp.asarray(folded), 2)), x)
+
+
+def test_patched_unet_runs_its_levels_at_a_fraction_of_the_side():
+    """`patch_size` 2: the first level runs at 16 px for a 32 px input, attention resolutions
+    refer to that level's side, the output (mean + variance) comes back at 32 px, a pixel's
+    output depends on its own block's input, and sides must be multiples of p x 2^(levels - 1)."""
+    model = UNet(**{**DECODER, "patch_size": 2, "attention_resolutions": (8,)})
+    x_t, t, cond = _decoder_inputs()
+    params = _random_params(model, x_t, t, **cond, seed=5)
+    p = params["params"]
+    assert p["input_conv"]["kernel"].shape[2] == 4 * 3
+    assert p["out_conv"]["kernel"].shape[-1] == 4 * 6
+    assert "down_1_attn_0" in p and "down_0_attn_0" not in p  # 8 px: the second level (16 -> 8)
+    apply = jax.jit(lambda params, x: model.apply(params, x, t, **cond))
+    out = apply(params, x_t)
+    assert out.shape == (B, 32, 32, 6) and np.all(np.isfinite(out))
+    changed = apply(params, x_t.at[:, 5, 7].add(1.0))  # block (2, 3) of the 16 x 16 grid
+    assert float(jnp.abs(changed - out)[:, 4:6, 6:8].max()) > 1e-4
+    assert apply(params, _decoder_inputs(64)[0]).shape == (B, 64, 64, 6)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        jax.eval_shape(lambda: model.apply(params, x_t[:, :30, :30], t, **cond))
+    with pytest.raises(ValueError, match="patch_size"):
+        jax.eval_shape(UNet(**{**DECODER, "patch_size": 3}).init, jax.random.key(0), x_t, t, **cond)
 
 
 @pytest.mark.slow

@@ -62,6 +62,10 @@ exactly 0). Output channels: `image_channels`, or twice that with `learned_varia
 
 `attention_resolutions` are in pixels at `image_size` (the training resolution): the levels they
 name keep their attention when the model runs at another size.
+
+`patch_size` p > 1 (not in ADM; simple diffusion's and U-ViT's patching) folds each p x p block of
+input pixels into channels before the first convolution and unfolds the output the same way, so
+every level runs at 1/p of the side: the first level at `image_size / p` px.
 """
 from __future__ import annotations
 
@@ -122,6 +126,22 @@ def coordinate_channels(batch: int, height: int, width: int) -> Array:
     ys = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height * 2 - 1
     grid = jnp.stack(jnp.meshgrid(xs, ys, indexing="xy"), axis=-1)
     return jnp.broadcast_to(grid, (batch, height, width, 2))
+
+
+def space_to_depth(x: Array, p: int) -> Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p * p * C]: each p x p block of pixels as channels (row, then
+    column, then channel)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: Array, p: int) -> Array:
+    """The inverse of `space_to_depth`: [B, h, w, p * p * C] -> [B, h p, w p, C]."""
+    b, h, w, pc = x.shape
+    c = pc // (p * p)
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)
 
 
 def upsample_nearest(x: Array) -> Array:
@@ -346,6 +366,7 @@ class UNet(nn.Module):
     num_res_blocks: int = 2
     attention_resolutions: Sequence[int] = ()
     image_size: int = 64
+    patch_size: int = 1  # fold p x p pixel blocks into channels: every level at 1/p of the side
     num_heads: int = 1
     head_channels: int = 0
     dropout: float = 0.0
@@ -408,8 +429,8 @@ class UNet(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        """H and W must be multiples of this: 2^(levels - 1)."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """H and W must be multiples of this: patch_size * 2^(levels - 1)."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     def _check_config(self):
         name = type(self).__name__
@@ -423,7 +444,11 @@ class UNet(nn.Module):
         if self.low_res_resize not in _RESIZE_METHODS:
             raise ValueError(f"{name}.low_res_resize {self.low_res_resize!r}; expected one of "
                              f"{_RESIZE_METHODS}")
-        reachable = {self.image_size // 2 ** level for level in range(len(self.channel_mult))}
+        if self.patch_size < 1 or self.image_size % self.patch_size:
+            raise ValueError(f"{name}.patch_size={self.patch_size} must be >= 1 and divide "
+                             f"image_size {self.image_size}")
+        first = self.image_size // self.patch_size
+        reachable = {first // 2 ** level for level in range(len(self.channel_mult))}
         unknown = sorted(set(self.attention_resolutions) - reachable)
         if unknown:
             raise ValueError(f"{name}.attention_resolutions {unknown} are not level resolutions "
@@ -464,7 +489,8 @@ class UNet(nn.Module):
         f = self.downsample_factor
         if h % f or w % f:
             raise ValueError(f"x_t is {h}x{w}; height and width must be multiples of {f} "
-                             f"(2^(levels - 1) for channel_mult {tuple(self.channel_mult)})")
+                             f"(patch_size {self.patch_size} x 2^(levels - 1) for channel_mult "
+                             f"{tuple(self.channel_mult)})")
         if t.shape != (b,):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected [batch] = ({b},)")
 
@@ -650,11 +676,14 @@ class UNet(nn.Module):
             h = jnp.concatenate([h, up], axis=-1)
         if self.coord_channels:
             h = jnp.concatenate([h, coordinate_channels(batch, height, width)], axis=-1)
+        if self.patch_size > 1:
+            h = space_to_depth(h, self.patch_size)
         h = nn.with_logical_constraint(h.astype(self.dtype), ACT_IMAGE)
 
         res_cls = nn.remat(ResBlock) if self.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-        attention_levels = {self.image_size // r for r in self.attention_resolutions}
+        attention_levels = {self.image_size // self.patch_size // r
+                            for r in self.attention_resolutions}
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def res(channels, name, **kw):
@@ -701,7 +730,10 @@ class UNet(nn.Module):
 
         h = nn.silu(GroupNorm(num_groups=self.num_groups, dtype=jnp.float32,
                               param_dtype=self.param_dtype, name="out_norm")(h))
-        out = _conv(self.out_channels, 3, "out_conv", jnp.float32, self.param_dtype, zero=True)(h)
+        p = self.patch_size
+        out = _conv(self.out_channels * p * p, 3, "out_conv", jnp.float32, self.param_dtype, zero=True)(h)
+        if p > 1:
+            out = depth_to_space(out, p)
         return nn.with_logical_constraint(out, ACT_IMAGE)
 
 
@@ -710,7 +742,7 @@ class UNet(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
-           "image_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
+           "image_size", "patch_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
            "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
