@@ -289,6 +289,7 @@ def decoder_config() -> ml_collections.ConfigDict:
     # Not in the paper: z_i also as an 8 x 8 map at the bottleneck, and pixel (x, y) input channels,
     # so that the decoder learns early where to draw (docs/results.md).
     c.model.clip_spatial = 8  # Side of the z_i-projected bottleneck map; 0 = none.
+    c.model.clip_map_resolutions = ()  # Levels (px) whose entry adds a full-size z_i map.
     c.model.coord_channels = True  # Append pixel (x, y) to the input.
     # Not in the paper either, and off (a short trial did not help, README): the caption's pooled
     # embedding as a bottleneck map too.

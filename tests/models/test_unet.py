@@ -291,6 +291,38 @@ def test_clip_spatial_map_conditions_through_the_bottleneck():
     np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
 
 
+def test_clip_level_maps_start_at_zero_and_condition_each_listed_level():
+    """`clip_map_resolutions`: a zero-initialised z_i map of each listed level's side and entry
+    width is added at that level's entry, so a new model computes what one without them computes
+    with the same other params; made nonzero, one changes the output through z_i alone; a side
+    that is no level is refused."""
+    model = UNet(**{**DECODER, "clip_map_resolutions": (32, 16), "text_depth": 0})
+    plain = UNet(**{**DECODER, "text_depth": 0})
+    x_t, t, cond = _decoder_inputs()
+    fresh = nn.meta.unbox(model.init(jax.random.key(0), x_t, t, z_i=cond["z_i"]))["params"]
+    assert fresh["clip_map_0_proj"]["kernel"].shape == (D, 32 * 32 * 16)
+    assert fresh["clip_map_1_proj"]["kernel"].shape == (D, 16 * 16 * 16)  # the downsampled width
+    assert not any(float(jnp.abs(a).max()) for k, v in fresh.items() if k.startswith("clip_map_")
+                   for a in jax.tree.leaves(v))
+    params = _random_params(model, x_t, t, z_i=cond["z_i"], seed=4)
+    p = params["params"]
+    for name in ("clip_map_0_proj", "clip_map_1_proj"):
+        p[name] = jax.tree.map(jnp.zeros_like, p[name])
+    without = {"params": {k: v for k, v in p.items() if not k.startswith("clip_map_")}}
+    np.testing.assert_allclose(model.apply(params, x_t, t, z_i=cond["z_i"]),
+                               plain.apply(without, x_t, t, z_i=cond["z_i"]), atol=1e-6)
+    for name in ("clip_emb_proj", "clip_tokens_proj", "clip_spatial_proj"):
+        if name in p:
+            p[name] = jax.tree.map(jnp.zeros_like, p[name])
+    apply = jax.jit(lambda params, z: model.apply(params, x_t, t, z_i=z))
+    np.testing.assert_allclose(apply(params, -cond["z_i"]), apply(params, cond["z_i"]), atol=1e-6)
+    kernel = p["clip_map_1_proj"]["kernel"]
+    p["clip_map_1_proj"]["kernel"] = jax.random.normal(jax.random.key(0), kernel.shape) * 0.1
+    assert float(jnp.abs(apply(params, -cond["z_i"]) - apply(params, cond["z_i"])).max()) > 1e-3
+    with pytest.raises(ValueError, match="clip_map_resolutions"):
+        UNet(**{**DECODER, "clip_map_resolutions": (8,)}).init(jax.random.key(0), x_t, t, **cond)
+
+
 def test_space_to_depth_folds_pixel_blocks_and_depth_to_space_undoes_it():
     x = np.random.default_rng(0).normal(size=(2, 6, 4, 3)).astype(np.float32)
     folded = np.asarray(space_to_depth(jnp.asarray(x), 2))

@@ -33,6 +33,10 @@ One module, `UNet`; its fields decide the role:
 - `clip_spatial=s` (not in the paper) also projects z_i to an s x s map added to the bottleneck
   features: a direct, linear path from the embedding to where things are, which the timestep
   embedding (global) and the context tokens (through attention) give only after long training.
+- `clip_map_resolutions` (not in the paper) add a z_i-projected map at the entry of each listed
+  level (pixels, as `attention_resolutions`), of that level's side and width: a linear template
+  of the image from the embedding at full detail, where `clip_spatial` gives only the coarse
+  layout. Zero-initialised, so a new model starts as one without them.
 - `text_spatial=s` (not in the paper) does the same for the caption: its pooled embedding term
   (the learned null when dropped) projected to an s x s bottleneck map. CLIP's z_i pins the layout
   only as well as CLIP learned it; the caption states it outright. Randomly initialised like the
@@ -381,6 +385,7 @@ class UNet(nn.Module):
     clip_scale: float = 0.0  # z_i times this before its projections; 0 = sqrt(clip_dim)
     coord_channels: bool = False  # append (x, y) in [-1, 1] to the input (CoordConv)
     clip_spatial: int = 0  # side of a z_i-projected feature map added at the bottleneck; 0 = none
+    clip_map_resolutions: Sequence[int] = ()  # levels (pixels, as attention) whose entry adds a z_i map
     text_spatial: int = 0  # side of a caption-projected bottleneck map (needs text_depth > 0)
     text_vocab_size: int = 0
     text_length: int = 0
@@ -449,10 +454,13 @@ class UNet(nn.Module):
                              f"image_size {self.image_size}")
         first = self.image_size // self.patch_size
         reachable = {first // 2 ** level for level in range(len(self.channel_mult))}
-        unknown = sorted(set(self.attention_resolutions) - reachable)
-        if unknown:
-            raise ValueError(f"{name}.attention_resolutions {unknown} are not level resolutions "
-                             f"{sorted(reachable)} of image_size {self.image_size}")
+        for field in ("attention_resolutions", "clip_map_resolutions"):
+            unknown = sorted(set(getattr(self, field)) - reachable)
+            if unknown:
+                raise ValueError(f"{name}.{field} {unknown} are not level resolutions "
+                                 f"{sorted(reachable)} of image_size {self.image_size}")
+        if self.clip_map_resolutions and not self.clip_dim:
+            raise ValueError(f"{name}.clip_map_resolutions needs clip_dim > 0 (they project z_i)")
         if self.clip_dim < 0 or (self.clip_dim and self.clip_tokens < 0):
             raise ValueError(f"{name}: clip_dim and clip_tokens must be >= 0")
         if self.uses_text:
@@ -565,7 +573,7 @@ class UNet(nn.Module):
             tokens = tokens.reshape(z.shape[0], self.clip_tokens, self.context_width)
         if self.clip_spatial:
             spatial = self._bottleneck_map(self.clip_spatial, z, "clip_spatial_proj")
-        return emb, tokens, spatial
+        return emb, tokens, spatial, z
 
     def _text_conditioning(self, tokens: Array, mask: Array | None, drop: Array | None):
         """Caption -> (emb term [B, E], context tokens [B, L, text_width], key mask [B, L])."""
@@ -641,7 +649,7 @@ class UNet(nn.Module):
         batch, height, width, _ = x_t.shape
 
         emb = self._time_embedding(t)
-        context, context_mask, maps = [], [], []
+        context, context_mask, maps, clip_z = [], [], [], None
         if self.uses_text:
             text_emb, text_seq, text_keys = self._text_conditioning(text_tokens, text_mask,
                                                                     drop_text)
@@ -651,7 +659,7 @@ class UNet(nn.Module):
             context.append(text_seq.astype(self.dtype))
             context_mask.append(text_keys)
         if self.clip_dim:
-            clip_emb, clip_seq, clip_map = self._clip_conditioning(z_i, drop_z_i)
+            clip_emb, clip_seq, clip_map, clip_z = self._clip_conditioning(z_i, drop_z_i)
             if clip_map is not None:
                 maps.append(clip_map)
             emb = emb + clip_emb
@@ -698,10 +706,26 @@ class UNet(nn.Module):
                              implementation=self.attention_implementation, name=name, **common)
             return block(x, ctx, ctx_mask)
 
+        map_levels = {self.image_size // self.patch_size // r for r in self.clip_map_resolutions}
+
+        def level_map(x, level):  # z_i's own map of this level's side and width, added at its entry
+            if 2 ** level not in map_levels:
+                return x
+            side, width = x.shape[1], x.shape[-1]
+            layout = nn.Dense(side * side * width, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=partitioned(nn.initializers.zeros, (None, "embed")),
+                              bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+                              name=f"clip_map_{level}_proj")(clip_z)
+            return x + layout.reshape(x.shape[0], side, x.shape[2], width).astype(x.dtype)
+
         h = _conv(self.base_channels * self.channel_mult[0], 3, "input_conv", **common)(h)
+        h = level_map(h, 0)
         skips = [h]
         levels = len(self.channel_mult)
         for level, mult in enumerate(self.channel_mult):
+            if level:
+                h = level_map(h, level)
+                skips[-1] = h
             for i in range(self.num_res_blocks):
                 h = res(self.base_channels * mult, f"down_{level}_res_{i}")(h, emb)
                 if 2 ** level in attention_levels:
@@ -745,11 +769,11 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "image_size", "patch_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
-           "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
+           "clip_map_resolutions", "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
            "text_depth", "text_heads", "text_causal", "clip_text_width", "context_dim",
            "num_timesteps", "remat",
            "attention_implementation")
-_TUPLE_FIELDS = ("channel_mult", "attention_resolutions")
+_TUPLE_FIELDS = ("channel_mult", "attention_resolutions", "clip_map_resolutions")
 
 
 def unet_from_config(cfg: Any, **sizes: Any) -> UNet:
