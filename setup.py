@@ -33,8 +33,12 @@ setup(
         # CPU torch for the Hugging Face CLIP parity test (transformers' torch CLIPModel). This
         # exact pin installs a CPU build on these machines, without several GB of GPU packages.
         "parity": ["torch==2.13.0"],
-        # diffusers: the reference of the Karlo (published unCLIP) importer's parity tests.
-        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2", "torch==2.13.0", "diffusers==0.42.1"],
+        # diffusers: the reference of the Karlo (published unCLIP) importer's parity tests;
+        # pytorch-fid: the FID InceptionV3's. pytorch-fid builds its network from torchvision,
+        # whose wheels here are CUDA builds that need their own torch (about 5.5 GB; they run on
+        # the CPU), so the test extra takes that torch instead of the small CPU build above.
+        "test": ["pytest>=8,<10", "chex>=0.1.90,<0.2", "torch==2.14.1", "torchvision==0.29.1",
+                 "pytorch-fid==0.3.0", "diffusers==0.42.1"],
         # libtpu: on a TPU VM, and on any host to compile for TPU topologies ahead of time
         # (benchmarks/compile_only.py). Best in its own environment: with libtpu installed, JAX
         # looks for TPU chips at start-up.

@@ -1,5 +1,5 @@
-"""The linen FID InceptionV3 against a PyTorch transcription of pytorch-fid's network (same random
-weights, through convert_inception), its resize against torch's, and the weight files' checks."""
+"""The linen FID InceptionV3 against pytorch-fid's network (same random weights, through
+convert_inception), its resize against torch's, and the weight files' checks."""
 import jax
 import numpy as np
 import pytest
