@@ -106,9 +106,11 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
                    bias_init=partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
+           zero: bool = False) -> nn.Dense:
+    init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+                    kernel_init=partitioned(init, names),
                     bias_init=partitioned(nn.initializers.zeros, names[-1:]), name=name)
 
 
@@ -612,6 +614,10 @@ class UNet(nn.Module):
         mask = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
         return emb, seq, mask
 
+    def _level_keys(self, resolutions: Sequence[int]) -> set[int]:
+        """Resolutions in pixels at `image_size` -> the 2^level of the levels that run at them."""
+        return {self.image_size // self.patch_size // r for r in resolutions}
+
     def _bottleneck_map(self, side: int, source: Array, name: str) -> Array:
         """source [B, F] -> a [B, side, side, bottleneck channels] map (resized where it is added)."""
         width = self.base_channels * self.channel_mult[-1]
@@ -690,8 +696,7 @@ class UNet(nn.Module):
 
         res_cls = nn.remat(ResBlock) if self.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-        attention_levels = {self.image_size // self.patch_size // r
-                            for r in self.attention_resolutions}
+        attention_levels = self._level_keys(self.attention_resolutions)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def res(channels, name, **kw):
@@ -706,26 +711,20 @@ class UNet(nn.Module):
                              implementation=self.attention_implementation, name=name, **common)
             return block(x, ctx, ctx_mask)
 
-        map_levels = {self.image_size // self.patch_size // r for r in self.clip_map_resolutions}
+        map_levels = self._level_keys(self.clip_map_resolutions)
 
-        def level_map(x, level):  # z_i's own map of this level's side and width, added at its entry
+        def level_map(x, level):  # z_i's own map of this level's size and width, added at its entry
             if 2 ** level not in map_levels:
                 return x
-            side, width = x.shape[1], x.shape[-1]
-            layout = nn.Dense(side * side * width, dtype=self.dtype, param_dtype=self.param_dtype,
-                              kernel_init=partitioned(nn.initializers.zeros, (None, "embed")),
-                              bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-                              name=f"clip_map_{level}_proj")(clip_z)
-            return x + layout.reshape(x.shape[0], side, x.shape[2], width).astype(x.dtype)
+            layout = _dense(x.shape[1] * x.shape[2] * x.shape[3], (None, "embed"),
+                            f"clip_map_{level}_proj", self.dtype, self.param_dtype, zero=True)(clip_z)
+            return x + layout.reshape(x.shape).astype(x.dtype)
 
         h = _conv(self.base_channels * self.channel_mult[0], 3, "input_conv", **common)(h)
-        h = level_map(h, 0)
         skips = [h]
         levels = len(self.channel_mult)
         for level, mult in enumerate(self.channel_mult):
-            if level:
-                h = level_map(h, level)
-                skips[-1] = h
+            h = skips[-1] = level_map(h, level)  # the level's entry: input conv or downsample
             for i in range(self.num_res_blocks):
                 h = res(self.base_channels * mult, f"down_{level}_res_{i}")(h, emb)
                 if 2 ** level in attention_levels:
@@ -769,10 +768,9 @@ _FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolut
            "image_size", "patch_size", "num_heads", "head_channels", "dropout", "use_scale_shift_norm",
            "num_groups", "image_channels", "learned_variance", "low_res_conditioning",
            "low_res_resize", "clip_dim", "clip_tokens", "clip_scale", "clip_spatial",
-           "clip_map_resolutions", "text_spatial", "coord_channels", "text_vocab_size", "text_length", "text_width",
-           "text_depth", "text_heads", "text_causal", "clip_text_width", "context_dim",
-           "num_timesteps", "remat",
-           "attention_implementation")
+           "clip_map_resolutions", "text_spatial", "coord_channels", "text_vocab_size",
+           "text_length", "text_width", "text_depth", "text_heads", "text_causal",
+           "clip_text_width", "context_dim", "num_timesteps", "remat", "attention_implementation")
 _TUPLE_FIELDS = ("channel_mult", "attention_resolutions", "clip_map_resolutions")
 
 
